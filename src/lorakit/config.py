@@ -1,0 +1,125 @@
+"""`AdapterConfig`: what to adapt and how. Validated on construction; method-specific checks live in the method."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+INITS = ("kaiming", "gaussian")
+MINI_OUTERS = ("orthonormal", "normal", "qr")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class AdapterConfig:
+    """Configuration of one adapter.
+
+    Args:
+        method: "lora", "olora" or "mini" (any name in `lorakit.methods.METHODS`).
+        r: rank of the low-rank update (the inner rank for LoRA-Mini).
+        alpha: scale numerator; the update is scaled by alpha/r (alpha/sqrt(r) with `rslora`). Defaults to r.
+        targets: "all-linear" (every nn.Linear / transformers Conv1D except the output head), a list of module-name
+            suffixes (["q_proj", "v_proj"]), or a regular expression matched against the full module name.
+        exclude: modules to leave alone, in the same forms as `targets` (except "all-linear").
+        dropout: dropout probability on the adapter input.
+        rslora: scale by alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r.
+        init: "kaiming" (uniform, a=sqrt(5)) or "gaussian" (std 1/r) for the trained factor that starts random.
+        seed: seeds every random matrix; each module draws from its own generator seeded by (seed, module name).
+        mini_a, mini_b: LoRA-Mini outer ranks (A_out is mini_a x in, B_out is out x mini_b).
+        mini_outer: LoRA-Mini frozen outer matrices: "orthonormal" (default), "normal" (N(0,1), the authors' code)
+            or "qr" (orthonormal bases of the frozen weight's leading columns and rows).
+    """
+
+    method: str = "lora"
+    r: int = 8
+    alpha: float | None = None
+    targets: str | list[str] = "all-linear"
+    exclude: str | list[str] | None = None
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    seed: int = 0
+    mini_a: int = 32
+    mini_b: int = 32
+    mini_outer: str = "orthonormal"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .methods import METHODS  # late import: methods import the layer, which imports this module
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is unknown; use one of: {', '.join(sorted(METHODS))}")
+        if not _is_int(self.r) or self.r <= 0:
+            raise ConfigError(f"r={self.r!r} is invalid; the rank must be a positive integer such as 8 or 16")
+        if self.alpha is None:
+            self.alpha = self.r
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"alpha={self.alpha!r} is invalid; alpha must be a positive number (default: r)")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout!r} is invalid; use a probability in [0, 1)")
+        if not isinstance(self.rslora, bool):
+            raise ConfigError(f"rslora={self.rslora!r} is invalid; use True or False")
+        if self.init not in INITS:
+            raise ConfigError(f"init={self.init!r} is unknown; use one of: {', '.join(INITS)}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r} is invalid; use a non-negative integer")
+        self.targets = _check_pattern("targets", self.targets, allow_all_linear=True)
+        if self.exclude is not None:
+            self.exclude = _check_pattern("exclude", self.exclude, allow_all_linear=False)
+        if not isinstance(self.extra, dict):
+            raise ConfigError("extra must be a dict of method-specific options")
+        METHODS[self.method].check_config(self)
+
+    @property
+    def scale(self) -> float:
+        """The factor s multiplying the low-rank update."""
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterConfig:
+        """Build from a dict (e.g. a file's JSON); unknown or mistyped fields raise ConfigError."""
+        if not isinstance(data, dict):
+            raise ConfigError("the adapter config must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(names)}")
+        return cls(**data)
+
+
+def _check_pattern(name: str, value, *, allow_all_linear: bool):
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, str):
+        if value == "all-linear" and not allow_all_linear:
+            raise ConfigError(f'{name}="all-linear" is not allowed here; give module-name suffixes or a regex')
+        if not value:
+            raise ConfigError(f"{name} is empty; give 'all-linear', module-name suffixes or a regex")
+        if value != "all-linear":
+            import re
+
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ConfigError(f"{name}={value!r} is not a valid regular expression ({exc})") from None
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise ConfigError(
+        f"{name}={value!r} is invalid; use 'all-linear', a list of module-name suffixes such as "
+        "['q_proj', 'v_proj'], or a regular expression"
+    )

@@ -1,0 +1,97 @@
+"""Tiny models built from transformers configs (milliseconds, no download) and shared helpers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import lorakit
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    config.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return BertModel(config).eval()
+
+
+MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+# Every method, every LoRA-Mini outer-matrix variant: the contract suite runs over all of them.
+VARIANTS = {name: dict(method=name) for name in lorakit.METHODS if name != "mini"} | {
+    f"mini-{outer}": dict(method="mini", mini_outer=outer) for outer in ("orthonormal", "normal", "qr")
+}
+
+
+def make_config(variant: str, **overrides) -> lorakit.AdapterConfig:
+    kwargs = dict(VARIANTS[variant], r=4, alpha=8, mini_a=8, mini_b=8)
+    kwargs.update(overrides)
+    return lorakit.AdapterConfig(**kwargs)
+
+
+def model_output(model, inputs):
+    out = model(inputs)
+    if hasattr(out, "logits"):
+        return out.logits
+    # BERT: the pooler's dense layer is adapted too, so its output is part of what must match
+    return torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
+
+
+def perturb_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
+    """Give every trained factor random non-zero values, as training would (B starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorakit.adapter_layers(model):
+            factor_scale = scale
+            if layer.method == "mini" and layer.config.mini_outer == "normal":
+                # N(0,1) outer matrices amplify the update by ~sqrt(in*out): keep ΔW at a realistic size
+                factor_scale = scale / (layer.in_features * layer.out_features) ** 0.25
+            for param in layer.trainable_parameters().values():
+                param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * factor_scale)
+
+
+@pytest.fixture
+def inputs():
+    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def fresh_copy(model):
+    return copy.deepcopy(model)
