@@ -1,5 +1,7 @@
 """lorakit: parameter-efficient fine-tuning with LoRA, OLoRA and LoRA-Mini."""
 
+__version__ = "0.1.0"  # before the imports: persist records it in every adapter file
+
 from .config import AdapterConfig
 from .errors import (
     AdapterFileError,
@@ -12,8 +14,8 @@ from .errors import (
 from .inject import adapt, adapter_layers, disabled, merge, merge_and_unload, summary, unload, unmerge
 from .layer import AdapterLayer
 from .methods import METHODS
-
-__version__ = "0.1.0"
+from .peft_format import export_peft, import_peft
+from .persist import load_adapter, read_adapter, save_adapter
 
 __all__ = [
     "METHODS",
@@ -28,6 +30,11 @@ __all__ = [
     "adapt",
     "adapter_layers",
     "disabled",
+    "export_peft",
+    "import_peft",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
     "merge",
     "merge_and_unload",
     "summary",

@@ -93,6 +93,12 @@ def adapt(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -
 
     Every check runs before the model is touched, so a ConfigError leaves the model as it was.
     """
+    install(model, build_layers(model, config, initialize=initialize))
+    return model
+
+
+def build_layers(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -> dict[str, AdapterLayer]:
+    """Check `config` against the model and create (not yet install) one adapter layer per target."""
     if not isinstance(config, AdapterConfig):
         raise ConfigError("config must be a lorakit.AdapterConfig")
     if any(True for _ in adapter_layers(model)):
@@ -101,14 +107,17 @@ def adapt(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -
     names = find_targets(model, config)
     for name in names:
         layer_cls.check_layer(config, name, *linear_shape(model.get_submodule(name)))
+    return {name: layer_cls(model.get_submodule(name), config, name, initialize=initialize) for name in names}
+
+
+def install(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
+    """Put the layers in place of their base modules; only their declared parameters stay trainable."""
     for param in model.parameters():
         param.requires_grad_(False)
-    for name in names:
-        _set_module(model, name, layer_cls(model.get_submodule(name), config, name, initialize=initialize))
-    for _, layer in adapter_layers(model):
+    for name, layer in layers.items():
+        _set_module(model, name, layer)
         for param in layer.trainable_parameters().values():
             param.requires_grad_(True)
-    return model
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -90,7 +90,13 @@ class AdapterLayer(nn.Module):
     def check_layer(cls, config: AdapterConfig, name: str, in_features: int, out_features: int) -> None:
         """Validate the config against one layer's shape before anything is mutated."""
 
+    @classmethod
+    def stored_shapes(cls, config: AdapterConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the `stored` tensors, known without allocating (files are checked against them)."""
+        raise NotImplementedError
+
     def build(self) -> None:
+        """Create parameters and buffers (zeros for what `initialize` or a file fills in)."""
         raise NotImplementedError
 
     def initialize(self) -> None:
@@ -143,6 +149,18 @@ class AdapterLayer(nn.Module):
             if self.merged or self.base_mutated:
                 raise RuntimeError(f"{self.name}: fingerprint requested after the base weight was mutated")
             self._fingerprint = weight_fingerprint(self.base_layer.weight)
+
+    def plain_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of a plain LoRA with ΔW = B A relative to the ORIGINAL base weight (same scale s).
+
+        Methods that mutate the base at init (OLoRA) give ΔW = B A − B0 A0 = [B | −B0] [A ; A0], rank 2r.
+        """
+        a, b = (t.detach() for t in self.factors())
+        initial = self.initial_factors()
+        if initial is None:
+            return a, b
+        a0, b0 = initial
+        return torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """s * ΔW in the layout and dtype of `base_layer.weight` (computed in the factors' precision)."""

@@ -21,6 +21,10 @@ class LoraLayer(AdapterLayer):
     trainable = ("A", "B")
     stored = ("A", "B")
 
+    @classmethod
+    def stored_shapes(cls, config, in_features, out_features):
+        return {"A": (config.r, in_features), "B": (out_features, config.r)}
+
     def build(self) -> None:
         self.A = self.new_parameter(torch.zeros(self.r, self.in_features))
         self.B = self.new_parameter(torch.zeros(self.out_features, self.r))

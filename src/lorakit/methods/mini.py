@@ -62,6 +62,10 @@ class MiniLayer(AdapterLayer):
                     f"({in_features} -> {out_features}); use {field} <= {limit} or mini_outer='normal'"
                 )
 
+    @classmethod
+    def stored_shapes(cls, config, in_features, out_features):
+        return {"A_in": (config.r, config.mini_a), "B_in": (config.mini_b, config.r)}
+
     def build(self) -> None:
         a, b = self.config.mini_a, self.config.mini_b
         self.A_in = self.new_parameter(torch.zeros(self.r, a))

@@ -44,6 +44,11 @@ class OLoraLayer(AdapterLayer):
                 f"use r <= {min(in_features, out_features)}"
             )
 
+    @classmethod
+    def stored_shapes(cls, config, in_features, out_features):
+        factor_shapes = {"A": (config.r, in_features), "B": (out_features, config.r)}
+        return factor_shapes | {f"{key}0": shape for key, shape in factor_shapes.items()}
+
     def build(self) -> None:
         self.A = self.new_parameter(torch.zeros(self.r, self.in_features))
         self.B = self.new_parameter(torch.zeros(self.out_features, self.r))

@@ -1,0 +1,199 @@
+"""PEFT LoRA format, out and in: `adapter_config.json` + `adapter_model.safetensors`.
+
+Export turns any lorakit adapter into a plain LoRA relative to the ORIGINAL base model, which
+`peft.PeftModel.from_pretrained(base, dir)` loads and vLLM / TGI serve: LoRA as is; LoRA-Mini as A = A_in A_out,
+B = B_out B_in; OLoRA as the rank-2r [B | −B0] [A ; A0] (see `AdapterLayer.plain_lora_factors`). lora_alpha is
+set so that PEFT's scale equals lorakit's. Import reads a plain PEFT LoRA adapter (safetensors only: a pickled
+`adapter_model.bin` is refused) and refuses the features lorakit cannot honour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from .atomic import prepare_directory, write_bytes, write_json
+from .config import AdapterConfig
+from .errors import AdapterFileError, ConfigError
+from .inject import _require_adapted, adapter_layers, build_layers, install
+from .layer import is_supported_layer
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Short suffixes (vLLM wants these) when they select exactly `names`; the full names otherwise."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {
+        n
+        for n, m in model.named_modules()
+        if is_supported_layer(m) or n in names
+        if any(n == s or n.endswith("." + s) for s in suffixes)
+    }
+    return suffixes if selected == set(names) else sorted(names)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
+
+
+def export_peft(model: nn.Module, directory) -> Path:
+    """Write the adapter as a PEFT LoRA adapter relative to the original base model; returns the directory."""
+    layers = _require_adapted(model)
+    config = layers[0][1].config
+    tensors, ranks = {}, set()
+    for name, layer in layers:
+        a, b = layer.plain_lora_factors()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.to("cpu", torch.float32).contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.to("cpu", torch.float32).contiguous()
+        ranks.add(a.shape[0])
+    (rank,) = ranks  # every method gives one rank for all modules
+    scale = config.scale
+    alpha = scale * (math.sqrt(rank) if config.rslora else rank)
+    fan_in_fan_out = {layer.fan_in_fan_out for _, layer in layers}
+    names = [name for name, _ in layers]
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": config.rslora,
+        "lora_dropout": config.dropout,
+        "target_modules": _target_modules(model, names),
+        "fan_in_fan_out": fan_in_fan_out == {True},
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    if len(fan_in_fan_out) > 1:
+        raise ConfigError(
+            "export_peft: the model mixes nn.Linear and Conv1D adapters, which one PEFT config cannot express"
+        )
+    out = prepare_directory(directory)
+    write_bytes(out / PEFT_WEIGHTS, save_safetensors(tensors, metadata={"format": "pt"}))
+    write_json(out / PEFT_CONFIG, peft_config)
+    return out
+
+
+REFUSED = {
+    "use_dora": (True, "DoRA"),
+    "use_qalora": (True, "QA-LoRA"),
+    "lora_bias": (True, "lora_bias"),
+}
+
+
+def _read_peft(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    path = Path(directory)
+    config_path = path / PEFT_CONFIG
+    if not config_path.is_file():
+        raise AdapterFileError(f"{config_path} not found; pass a directory saved by PEFT's save_pretrained")
+    try:
+        peft_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
+        kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
+        raise AdapterFileError(f"{config_path}: peft_type is {kind!r}; lorakit imports LoRA adapters only")
+    weights = path / PEFT_WEIGHTS
+    if not weights.is_file():
+        if (path / "adapter_model.bin").exists():
+            raise AdapterFileError(
+                f"{path} holds adapter_model.bin, a pickle file lorakit never loads; re-save it with PEFT "
+                "(save_pretrained(..., safe_serialization=True)) to get adapter_model.safetensors"
+            )
+        raise AdapterFileError(f"{weights} not found; the PEFT adapter is incomplete")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise AdapterFileError(f"{weights} is not a valid safetensors file ({exc})") from None
+    return peft_config, tensors
+
+
+def _refuse_unsupported(peft_config: dict, where) -> None:
+    for key, (bad, feature) in REFUSED.items():
+        if peft_config.get(key) == bad:
+            raise AdapterFileError(f"{where}: {feature} adapters are not supported by lorakit; use PEFT for this one")
+    if peft_config.get("modules_to_save"):
+        raise AdapterFileError(
+            f"{where}: modules_to_save {peft_config['modules_to_save']} cannot be imported; lorakit adapts linear layers only"
+        )
+    if peft_config.get("bias", "none") != "none":
+        raise AdapterFileError(
+            f"{where}: bias={peft_config['bias']!r} (trained biases) is not supported; only bias='none'"
+        )
+    for key in ("rank_pattern", "alpha_pattern"):
+        if peft_config.get(key):
+            raise AdapterFileError(
+                f"{where}: {key} (per-module ranks or alphas) is not supported by lorakit; use one r and lora_alpha"
+            )
+    for key in ("layer_replication", "target_parameters", "megatron_config", "loftq_config"):
+        if peft_config.get(key):
+            raise AdapterFileError(f"{where}: {key} is not supported by lorakit")
+
+
+def import_peft(model: nn.Module, directory) -> nn.Module:
+    """Apply a plain PEFT LoRA adapter to `model` as a lorakit "lora" adapter, in place; returns the model."""
+    peft_config, tensors = _read_peft(directory)
+    _refuse_unsupported(peft_config, Path(directory) / PEFT_CONFIG)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        stem = key.removeprefix(PREFIX)
+        for part in ("lora_A", "lora_B"):
+            for suffix in (f".{part}.weight", f".{part}.default.weight"):
+                if stem.endswith(suffix):
+                    factors.setdefault(stem[: -len(suffix)], {})[part] = value
+                    break
+            else:
+                continue
+            break
+        else:
+            raise AdapterFileError(
+                f"{directory}: tensor {key!r} is not a LoRA A/B weight of a linear layer; lorakit cannot import it"
+            )
+    r = peft_config.get("r")
+    if not isinstance(r, int) or r <= 0:
+        raise AdapterFileError(f"{directory}: adapter_config.json has invalid r={r!r}")
+    for name, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != r or pair["lora_B"].shape[1] != r:
+            raise AdapterFileError(f"{directory}: module {name} lacks a rank-{r} lora_A/lora_B pair")
+    try:
+        config = AdapterConfig(
+            method="lora",
+            r=r,
+            alpha=float(peft_config.get("lora_alpha", 8)),
+            rslora=bool(peft_config.get("use_rslora", False)),
+            dropout=float(peft_config.get("lora_dropout") or 0.0),
+            targets=sorted(factors),
+        )
+        if any(True for _ in adapter_layers(model)):
+            raise ConfigError("the model already has adapters; import onto a fresh base model")
+        layers = build_layers(model, config, initialize=False)
+    except ConfigError as exc:
+        raise AdapterFileError(f"PEFT adapter at {directory} does not fit this model: {exc}") from None
+    for name, layer in layers.items():
+        a, b = factors[name]["lora_A"], factors[name]["lora_B"]
+        if a.shape != layer.A.shape or b.shape != layer.B.shape:
+            raise AdapterFileError(
+                f"{directory}: module {name} has A {tuple(a.shape)} / B {tuple(b.shape)}, the model needs {tuple(layer.A.shape)} / {tuple(layer.B.shape)}"
+            )
+    install(model, layers)
+    for name, layer in layers.items():
+        layer.config = dataclasses.replace(config, targets=sorted(factors))
+        layer.load_tensors({"A": factors[name]["lora_A"], "B": factors[name]["lora_B"]})
+    return model

@@ -1,0 +1,96 @@
+"""PEFT interop, checked against the real peft package: export loads in PEFT, PEFT adapters import."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import VARIANTS, fresh_copy, make_config, model_output, perturb_adapters, tiny_gpt2, tiny_llama
+
+import lorakit
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["plain", "rslora"])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_export_loads_in_peft_with_equal_logits(variant, factory, rslora, tmp_path, inputs):
+    base = factory()
+    model = lorakit.adapt(fresh_copy(base), make_config(variant, rslora=rslora))
+    perturb_adapters(model)
+    expected = model_output(model, inputs)
+    lorakit.export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] == (factory is tiny_gpt2)
+    assert config["init_lora_weights"] is True
+    assert config["r"] == (8 if variant == "olora" else 4)
+    loaded = peft.PeftModel.from_pretrained(fresh_copy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(model_output(loaded, inputs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_uses_short_target_names_when_exact(tmp_path):
+    model = lorakit.adapt(tiny_llama(), lorakit.AdapterConfig(targets=["q_proj", "v_proj"]))
+    lorakit.export_peft(model, tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    model = lorakit.adapt(tiny_llama(), lorakit.AdapterConfig(targets=r"model\.layers\.0\.self_attn\.q_proj"))
+    lorakit.export_peft(model, tmp_path / "p2")
+    targets = json.loads((tmp_path / "p2" / "adapter_config.json").read_text())["target_modules"]
+    assert targets == ["model.layers.0.self_attn.q_proj"]
+
+
+def _peft_adapter(base, tmp_path, **config):
+    model = peft.get_peft_model(fresh_copy(base), peft.LoraConfig(**config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "peft")
+    return model.eval()
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_import_peft_gives_equal_logits(factory, rslora, tmp_path, inputs):
+    base = factory()
+    targets = ["q_proj", "v_proj", "down_proj"] if factory is tiny_llama else ["c_attn", "c_fc"]
+    theirs = _peft_adapter(
+        base,
+        tmp_path,
+        r=4,
+        lora_alpha=12,
+        target_modules=targets,
+        use_rslora=rslora,
+        fan_in_fan_out=factory is tiny_gpt2,
+    )
+    ours = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")
+    torch.testing.assert_close(model_output(ours, inputs), model_output(theirs, inputs), atol=1e-5, rtol=1e-5)
+    lorakit.save_adapter(ours, tmp_path / "ours")  # an imported adapter is a normal lorakit adapter
+    again = lorakit.load_adapter(fresh_copy(base), tmp_path / "ours")
+    torch.testing.assert_close(model_output(again, inputs), model_output(ours, inputs), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (dict(use_dora=True), "DoRA adapters are not supported"),
+        (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+        (dict(bias="lora_only"), "bias='lora_only'"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    ],
+)
+def test_unsupported_peft_features_are_refused(config, message, tmp_path):
+    base = tiny_llama()
+    _peft_adapter(base, tmp_path, r=4, target_modules=["q_proj", "v_proj"], **config)
+    target = fresh_copy(base)
+    with pytest.raises(lorakit.AdapterFileError, match=message):
+        lorakit.import_peft(target, tmp_path / "peft")
+    assert not list(lorakit.adapter_layers(target))
+
+
+def test_pickled_peft_adapter_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(lorakit.AdapterFileError, match="pickle file lorakit never loads"):
+        lorakit.import_peft(tiny_llama(), tmp_path)
