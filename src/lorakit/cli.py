@@ -1,0 +1,178 @@
+"""The `lorakit` command: argument parsing and error reporting. The work is done in `lorakit.commands`.
+
+Every user error prints one line `lorakit: error: <problem>; <fix>` on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .errors import LorakitError
+from .models import DEFAULT_MODEL
+from .training.run_config import PRECISIONS, REPORTERS, SCHEDULES, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_model(p, required=False):
+    p.add_argument(
+        "--model",
+        default=None if required else DEFAULT_MODEL,
+        required=required,
+        help=f"transformers model directory, .gguf file, hub id, or the built-in {DEFAULT_MODEL}",
+    )
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repository")
+
+
+def add_train_arguments(p, *, compare: bool = False) -> None:
+    d = DEFAULTS
+    _add_model(p)
+    p.add_argument("--data", default=d.data, help="JSONL/JSON/CSV/Parquet/TXT file, hub dataset, or stdlib-docstrings")
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        help="evaluation data (default: the eval split of stdlib-docstrings when training on it)",
+    )
+    if not compare:
+        p.add_argument("--method", default=d.method, help="lora, olora or mini")
+    p.add_argument("--rank", type=int, default=d.rank, help="adapter rank r (LoRA-Mini: inner rank)")
+    p.add_argument(
+        "--alpha", type=float, default=None, help="scale numerator; scale = alpha/rank (default alpha = rank)"
+    )
+    p.add_argument("--targets", default=d.targets, help="'all-linear', comma-separated module suffixes, or re:<regex>")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    p.add_argument("--init", default=d.init, help="kaiming or gaussian init of the random trained factor")
+    p.add_argument("--mini-a", type=int, default=d.mini_a, help="LoRA-Mini outer rank of A_out")
+    p.add_argument("--mini-b", type=int, default=d.mini_b, help="LoRA-Mini outer rank of B_out")
+    p.add_argument(
+        "--mini-outer", default=d.mini_outer, help="LoRA-Mini frozen outer matrices: orthonormal, normal or qr"
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per process and micro-batch")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument(
+        "--max-length", type=int, default=d.max_length, help="tokens per example (longer ones are truncated)"
+    )
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate schedule after warm-up")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every E steps (0: only at the end)")
+    p.add_argument(
+        "--eval-limit", type=int, default=d.eval_limit, help="evaluate on the first N eval examples (0: all)"
+    )
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every K steps (0: never)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept on disk")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument(
+        "--report-to", default=d.report_to, choices=REPORTERS, help="also log to TensorBoard (DIR/tensorboard)"
+    )
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="mixed precision (through Accelerate)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if not compare:
+        p.add_argument("--seed", type=int, default=d.seed, help="seed of data order and adapter init")
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="lorakit",
+        formatter_class=Formatter,
+        description="Fine-tune language models with LoRA, OLoRA and LoRA-Mini; compare them side by side.",
+    )
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=Formatter)
+
+    add_train_arguments(
+        command("train", "fine-tune a model with one method; writes DIR/adapter, log.jsonl, checkpoints")
+    )
+
+    p = command("eval", "evaluate an adapter: loss, perplexity, and exact match for instruction data")
+    _add_model(p)
+    p.add_argument("--adapter", default=None, help="adapter directory (omit to evaluate the base model)")
+    p.add_argument("--data", required=True, help="evaluation data (file, hub dataset or stdlib-docstrings)")
+    p.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per example")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="examples per forward pass")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N examples (0: all)")
+    p.add_argument(
+        "--exact-match", type=int, default=16, help="generate for the first N instruction examples (0: skip)"
+    )
+
+    p = command("generate", "generate a greedy completion for a prompt")
+    _add_model(p)
+    p.add_argument("--adapter", default=None, help="adapter directory")
+    p.add_argument("--prompt", required=True, help="the user prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+
+    p = command("merge", "fold an adapter into the base weights and save a full transformers model")
+    _add_model(p)
+    p.add_argument("--adapter", required=True, help="adapter directory")
+    p.add_argument("--out", required=True, help="new directory for the merged model")
+
+    p = command("export", "export an adapter to another format (PEFT LoRA: loadable by PEFT, vLLM, TGI)")
+    _add_model(p)
+    p.add_argument("--adapter", required=True, help="adapter directory")
+    p.add_argument("--format", default="peft", help="peft")
+    p.add_argument("--out", required=True, help="new directory for the exported adapter")
+
+    p = command("inspect", "show an adapter's method, config, parameters, file size and base fingerprint")
+    p.add_argument("adapter", help="adapter directory")
+
+    p = command("compare", "train several methods over several seeds and write a side-by-side report")
+    p.add_argument(
+        "--methods",
+        default="lora,olora,mini",
+        help="comma-separated methods; variants inline, e.g. mini:outer=normal:lr=3e-5, lora:r=4",
+    )
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
+    p.add_argument("--lr-sweep", default=None, help="comma-separated learning rates tried per method on a short budget")
+    p.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep run (default: a quarter of --steps)")
+    p.add_argument("--target-loss", type=float, default=None, help="report steps needed to reach this eval/train loss")
+    p.add_argument("--demo", action="store_true", help="the built-in demo: default model and data, tuned budget")
+    add_train_arguments(p, compare=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from . import commands
+
+    try:
+        _quiet_libraries()
+        return getattr(commands, f"run_{args.command}")(args) or 0
+    except LorakitError as exc:
+        print(f"lorakit: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("lorakit: interrupted; a run with --save-every continues with --resume", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""What each `lorakit` subcommand does (parsing lives in `lorakit.cli`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .atomic import write_json
+from .errors import ConfigError, LorakitError
+from .training.run_config import TrainConfig, check_writable
+
+MERGED_MARKER = "lorakit_merged.json"
+
+
+def train_config_from_args(args, **overrides) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run_train(args) -> int:
+    from .training import train
+
+    summary = train(train_config_from_args(args))
+    if summary:
+        loss = summary["final_eval_loss"] if summary["final_eval_loss"] is not None else summary["final_train_loss"]
+        kind = "eval" if summary["final_eval_loss"] is not None else "train"
+        print(
+            f"done: {summary['steps']} steps, final {kind} loss {loss:.4f}, {summary['trainable_parameters']:,} "
+            f"trainable parameters, adapter {summary['adapter_bytes']:,} bytes -> {Path(args.out) / 'adapter'}"
+        )
+    return 0
+
+
+def _positive(name: str, value: int, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} {value} is invalid; use a {'non-negative' if allow_zero else 'positive'} integer")
+
+
+def _load_adapted(args, *, strict: bool = True):
+    """(model, tokenizer) with the adapter from args.adapter applied, if any."""
+    from .models import load_model
+    from .persist import load_adapter, read_adapter
+
+    if args.adapter:
+        read_adapter(args.adapter)  # validate the adapter before the (slow) model load
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        if Path(args.model, MERGED_MARKER).is_file():
+            raise ConfigError(f"model {args.model} is already merged with an adapter; use the original base model")
+        model = load_adapter(model, args.adapter, strict=strict)
+    return model, tokenizer
+
+
+def run_eval(args) -> int:
+    from .data import load_examples, read_records
+    from .data.formats import detect_format
+    from .training.evaluate import evaluate_loss, exact_match
+
+    for flag in ("max_length", "batch_size"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    _positive("--limit", args.limit, allow_zero=True)
+    _positive("--exact-match", args.exact_match, allow_zero=True)
+    model, tokenizer = _load_adapted(args)
+    split = "eval" if args.data == "stdlib-docstrings" else "train"
+    examples, fmt = load_examples(args.data, tokenizer, args.max_length, split=split)
+    if args.limit:
+        examples = examples[: args.limit]
+    import torch
+
+    result = evaluate_loss(model, examples, args.batch_size, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    result["examples"] = len(examples)
+    if fmt == "instruction" and args.exact_match:
+        records = read_records(args.data, split=split)
+        detect_format(records, args.data)
+        result["exact_match"] = exact_match(model, tokenizer, records[: args.exact_match])
+        result["exact_match_examples"] = min(args.exact_match, len(records))
+    print(json.dumps(result))
+    return 0
+
+
+def run_generate(args) -> int:
+    from .training.evaluate import generate
+
+    _positive("--max-new-tokens", args.max_new_tokens)
+    model, tokenizer = _load_adapted(args)
+    print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _check_new_output(out: Path) -> None:
+    check_writable(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; choose a new directory")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a fully written temporary directory into place as `out`."""
+    if out.exists():
+        out.rmdir()  # empty, checked before
+    os.replace(tmp, out)
+
+
+def _staging_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def run_merge(args) -> int:
+    from .inject import merge_and_unload
+    from .persist import read_adapter
+
+    out = Path(args.out)
+    _check_new_output(out)
+    model, tokenizer = _load_adapted(args)
+    metadata, _, _ = read_adapter(args.adapter)
+    merged = merge_and_unload(model)
+    tmp = _staging_dir(out)
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(
+            tmp / MERGED_MARKER,
+            {
+                "adapter": str(Path(args.adapter).resolve()),
+                "method": metadata["method"],
+                "tensors_sha256": metadata["tensors_sha256"],
+            },
+        )
+        _publish(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LorakitError(f"could not write the merged model to {out}: {exc.strerror or exc}") from None
+    print(f"merged model written to {out} (load it with transformers' from_pretrained)")
+    return 0
+
+
+EXPORT_FORMATS = ("peft",)
+
+
+def run_export(args) -> int:
+    from .peft_format import export_peft
+
+    if args.format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {args.format!r} is unknown; use one of: {', '.join(EXPORT_FORMATS)}")
+    out = Path(args.out)
+    _check_new_output(out)
+    model, _ = _load_adapted(args)
+    tmp = _staging_dir(out)
+    try:
+        export_peft(model, tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"PEFT LoRA adapter written to {out}")
+    return 0
+
+
+def run_inspect(args) -> int:
+    from .persist import read_adapter
+
+    metadata, config, tensors = read_adapter(args.adapter)
+    path = Path(args.adapter)
+    size = sum((path / name).stat().st_size for name in ("adapter.safetensors", "adapter.json"))
+    modules = metadata["modules"]
+    fingerprint = __import__("hashlib").sha256("".join(m["base_sha256"] for m in modules.values()).encode()).hexdigest()
+    base = metadata.get("base_model") or {}
+    lines = [
+        f"adapter:     {path}",
+        f"method:      {config.method}  (lorakit {metadata['lorakit_version']}, format {metadata['format_version']})",
+        f"config:      {json.dumps({k: v for k, v in config.to_dict().items() if v not in (None, {}, [])})}",
+        f"parameters:  {metadata.get('trainable_parameters', 0):,} trainable; {sum(t.numel() for t in tensors.values()):,} stored",
+        f"file size:   {size:,} bytes",
+        f"base model:  {base.get('class')} {base.get('name_or_path') or ''}".rstrip(),
+        f"fingerprint: {len(modules)} modules, combined sha256 {fingerprint[:16]}",
+    ]
+    lines += [
+        f"  {name}  {m['in']} -> {m['out']}  weight sha256 {m['base_sha256'][:12]}"
+        for name, m in list(modules.items())[:8]
+    ]
+    if len(modules) > 8:
+        lines.append(f"  ... and {len(modules) - 8} more")
+    print("\n".join(lines))
+    return 0
+
+
+def run_compare(args) -> int:
+    from .compare import run_compare_command
+
+    return run_compare_command(args)

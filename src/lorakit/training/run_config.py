@@ -1,0 +1,153 @@
+"""`TrainConfig`: every setting of a training run, validated with messages that name the CLI flag and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import AdapterConfig
+from ..data.stdlib_docstrings import NAME as DEFAULT_DATA
+from ..errors import ConfigError
+from ..models import DEFAULT_MODEL
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+REPORTERS = ("none", "tensorboard")
+# Settings that may differ between a run and its --resume (everything else must match run.json).
+RESUME_MAY_DIFFER = ("resume", "quiet", "report_to", "out")
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/train"
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    eval_data: str | None = None
+    method: str = "lora"
+    rank: int = 16
+    alpha: float | None = None
+    targets: str = "all-linear"
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    mini_a: int = 32
+    mini_b: int = 32
+    mini_outer: str = "orthonormal"
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 3e-4
+    max_length: int = 256
+    grad_accum: int = 1
+    warmup: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_every: int = 0
+    eval_limit: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    report_to: str = "none"
+    precision: str = "no"
+    trust_remote_code: bool = False
+    quiet: bool = False
+
+    def validate(self) -> None:
+        positive_ints = {
+            "steps": "optimizer steps",
+            "batch_size": "examples per process and micro-batch",
+            "max_length": "tokens per example",
+            "grad_accum": "micro-batches per step",
+            "keep_checkpoints": "checkpoints to keep",
+        }
+        for field, meaning in positive_ints.items():
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{_flag(field)} {value} is invalid; use a positive integer ({meaning})")
+        for field in ("warmup", "eval_every", "eval_limit", "save_every", "seed"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{_flag(field)} {value} is invalid; use an integer >= 0")
+        if not isinstance(self.lr, int | float) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr} is invalid; use a positive learning rate such as 3e-4")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay {self.weight_decay} is invalid; use a number >= 0")
+        for field, choices in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("report_to", REPORTERS)):
+            if getattr(self, field) not in choices:
+                raise ConfigError(
+                    f"{_flag(field)} {getattr(self, field)!r} is unknown; use one of: {', '.join(choices)}"
+                )
+        self.adapter_config()
+        check_writable(Path(self.out))
+
+    def adapter_config(self) -> AdapterConfig:
+        try:
+            return AdapterConfig(
+                method=self.method,
+                r=self.rank,
+                alpha=self.alpha,
+                targets=parse_targets(self.targets),
+                dropout=self.dropout,
+                rslora=self.rslora,
+                init=self.init,
+                seed=self.seed,
+                mini_a=self.mini_a,
+                mini_b=self.mini_b,
+                mini_outer=self.mini_outer,
+            )
+        except ConfigError as exc:
+            raise ConfigError(_flags_in_message(str(exc))) from None
+
+    def comparable(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUME_MAY_DIFFER}
+
+
+def parse_targets(value) -> str | list[str]:
+    """CLI form: 'all-linear', comma-separated module-name suffixes, or 're:<regular expression>'."""
+    if not isinstance(value, str):
+        return value
+    if value == "all-linear":
+        return value
+    if value.startswith("re:"):
+        return value[3:]
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _flags_in_message(message: str) -> str:
+    """Name config fields as the CLI flags the user typed (r -> --rank, mini_a -> --mini-a)."""
+    for field, flag in (
+        ("r=", "--rank "),
+        ("alpha=", "--alpha "),
+        ("mini_a=", "--mini-a "),
+        ("mini_b=", "--mini-b "),
+        ("mini_outer=", "--mini-outer "),
+        ("method=", "--method "),
+        ("init=", "--init "),
+        ("dropout=", "--dropout "),
+        ("targets=", "--targets "),
+    ):
+        if message.startswith(field):
+            return flag + message[len(field) :]
+    return message
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an --out that is a file or cannot be created, without creating anything."""
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; choose a directory path")
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"--out {out} is not writable; choose a writable directory")
+        return
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out} cannot be created ({parent} is not a writable directory); choose another path")
