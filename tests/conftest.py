@@ -95,3 +95,17 @@ def inputs():
 
 def fresh_copy(model):
     return copy.deepcopy(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tiny_assets import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def instruction_file(tmp_path_factory):
+    from tiny_assets import write_instruction_data
+
+    return write_instruction_data(tmp_path_factory.mktemp("data") / "train.jsonl")

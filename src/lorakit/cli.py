@@ -171,6 +171,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 

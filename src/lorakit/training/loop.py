@@ -115,7 +115,8 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     resume_from = _prepare_run_dir(cfg, out)
-    accelerator = Accelerator(mixed_precision=cfg.precision)
+    # cpu=True lets Accelerate run data-parallel over gloo when there is no GPU (torchrun on CPU)
+    accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     torch.manual_seed(cfg.seed)
     base, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)

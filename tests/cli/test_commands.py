@@ -1,0 +1,171 @@
+"""The CLI end to end on a tiny model: train -> adapter -> eval / generate / merge / export / inspect."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lorakit
+
+LORAKIT = [sys.executable, "-m", "lorakit"]
+
+
+def run(*args, check=True):
+    result = subprocess.run(LORAKIT + [str(a) for a in args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"lorakit {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, instruction_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    run(
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        instruction_file,
+        "--method",
+        "olora",
+        "--rank",
+        "4",
+        "--steps",
+        "5",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--max-length",
+        "64",
+        "--quiet",
+        "--out",
+        out,
+    )
+    return out
+
+
+def test_train_prints_summary_and_writes_adapter(trained):
+    assert (trained / "adapter" / "adapter.safetensors").is_file()
+    assert json.loads((trained / "summary.json").read_text())["method"] == "olora"
+
+
+def test_eval_reports_loss_perplexity_and_exact_match(trained, tiny_model_dir, instruction_file):
+    result = json.loads(
+        run(
+            "eval",
+            "--model",
+            tiny_model_dir,
+            "--adapter",
+            trained / "adapter",
+            "--data",
+            instruction_file,
+            "--exact-match",
+            "2",
+        ).stdout
+    )
+    assert result["eval_loss"] > 0 and result["eval_perplexity"] == pytest.approx(2.718281828 ** result["eval_loss"])
+    assert 0 <= result["exact_match"] <= 1 and result["exact_match_examples"] == 2
+
+
+def test_generate_runs_with_and_without_adapter(trained, tiny_model_dir):
+    with_adapter = run(
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--adapter",
+        trained / "adapter",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "5",
+    )
+    base = run("generate", "--model", tiny_model_dir, "--prompt", "hi", "--max-new-tokens", "5")
+    assert with_adapter.returncode == base.returncode == 0
+
+
+def test_merge_writes_a_transformers_model_equal_to_the_adapted_one(trained, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run("merge", "--model", tiny_model_dir, "--adapter", trained / "adapter", "--out", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapted = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), trained / "adapter")
+    inputs = torch.arange(10).reshape(1, 10)
+    torch.testing.assert_close(merged(inputs).logits, adapted(inputs).logits, atol=1e-5, rtol=1e-5)
+    again = run(
+        "merge", "--model", tmp_path / "merged", "--adapter", trained / "adapter", "--out", tmp_path / "m2", check=False
+    )
+    assert again.returncode == 2 and "already merged" in again.stderr and not (tmp_path / "m2").exists()
+
+
+def test_export_peft_loads_in_peft(trained, tiny_model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    run(
+        "export",
+        "--model",
+        tiny_model_dir,
+        "--adapter",
+        trained / "adapter",
+        "--format",
+        "peft",
+        "--out",
+        tmp_path / "peft",
+    )
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "peft")
+    ours = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained / "adapter")
+    inputs = torch.arange(10).reshape(1, 10)
+    torch.testing.assert_close(theirs.eval()(inputs).logits, ours.eval()(inputs).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_inspect_shows_method_params_size_and_fingerprint(trained):
+    text = run("inspect", trained / "adapter").stdout
+    for expected in ("method:      olora", "parameters:", "file size:", "fingerprint: 14 modules", "weight sha256"):
+        assert expected in text
+
+
+def test_help_is_complete_with_defaults():
+    text = run("train", "--help").stdout
+    for flag in (
+        "--model",
+        "--data",
+        "--method",
+        "--rank",
+        "--alpha",
+        "--targets",
+        "--mini-a",
+        "--mini-b",
+        "--mini-outer",
+        "--steps",
+        "--batch-size",
+        "--lr",
+        "--max-length",
+        "--grad-accum",
+        "--warmup",
+        "--seed",
+        "--eval-data",
+        "--eval-every",
+        "--save-every",
+        "--resume",
+        "--out",
+        "--report-to",
+    ):
+        assert flag in text, flag
+    assert "(default: smollm2-135m)" in text and "(default: 16)" in text
+    for command in ("eval", "generate", "merge", "export", "inspect", "compare"):
+        assert run(command, "--help").returncode == 0
+
+
+def test_python_dash_m_and_console_script_agree():
+    import shutil
+
+    script = shutil.which("lorakit") or str(__import__("pathlib").Path(sys.executable).with_name("lorakit"))
+    assert (
+        subprocess.run([script, "--version"], capture_output=True, text=True).stdout.strip()
+        == f"lorakit {lorakit.__version__}"
+    )

@@ -1,0 +1,190 @@
+"""Training runs on a tiny model: outputs, loss falls, resume after kill -9, DDP equality, NaN stop, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.training import TrainConfig, TrainingDiverged, train
+
+LORAKIT = [sys.executable, "-m", "lorakit"]
+
+
+def config(model_dir, data, out, **overrides):
+    values = dict(
+        model=str(model_dir),
+        data=str(data),
+        out=str(out),
+        steps=6,
+        batch_size=4,
+        lr=1e-2,
+        rank=4,
+        max_length=64,
+        quiet=True,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def adapter_tensors(out):
+    return load_file(str(Path(out) / "adapter" / "adapter.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("method", ["lora", "olora", "mini"])
+def test_train_writes_adapter_log_summary_and_loss_falls(method, tiny_model_dir, instruction_file, tmp_path):
+    out = tmp_path / "run"
+    summary = train(
+        config(
+            tiny_model_dir,
+            instruction_file,
+            out,
+            method=method,
+            steps=25,
+            mini_a=8,
+            mini_b=8,
+            eval_data=str(instruction_file),
+            eval_every=5,
+            lr=1e-1 if method == "mini" else 1e-2,
+        )
+    )
+    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 26))
+    assert all({"loss", "lr", "tokens_per_s"} <= l.keys() for l in lines)
+    evals = [l["eval_loss"] for l in lines if "eval_loss" in l]
+    assert len(evals) == 5 and evals[-1] < evals[0] - 0.03 and evals == sorted(evals, reverse=True), evals
+    assert summary["final_eval_loss"] == evals[-1] and summary["adapter_bytes"] > 0
+    assert json.loads((out / "run.json").read_text())["data_format"] == "instruction"
+    metadata, adapter_config, _ = lorakit.read_adapter(out / "adapter")
+    assert adapter_config.method == method
+
+
+def test_resume_after_kill_gives_the_same_adapter(tiny_model_dir, instruction_file, tmp_path):
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(instruction_file),
+        "--steps",
+        "60",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "4",
+        "--max-length",
+        "64",
+        "--quiet",
+        "--dropout",
+        "0.1",
+        "--save-every",
+        "5",
+        "--grad-accum",
+        "2",
+    ]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(LORAKIT + args + ["--out", str(whole)], check=True)
+    proc = subprocess.Popen(LORAKIT + args + ["--out", str(broken)])
+    deadline = time.time() + 120
+    while time.time() < deadline and not (broken / "checkpoints" / "step-000015").exists():
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (broken / "adapter").exists(), "the run finished before it was killed; the test proved nothing"
+    subprocess.run(LORAKIT + args + ["--out", str(broken), "--resume"], check=True)
+    assert max_diff(adapter_tensors(whole), adapter_tensors(broken)) <= 1e-6
+    steps = [json.loads(l)["step"] for l in (broken / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))
+
+
+def test_two_processes_equal_one_with_double_batch(tiny_model_dir, instruction_file, tmp_path):
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(instruction_file),
+        "--steps",
+        "4",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "4",
+        "--max-length",
+        "64",
+        "--quiet",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit"]
+    subprocess.run(torchrun + ["train", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")], check=True)
+    subprocess.run(LORAKIT + ["train", *common, "--batch-size", "4", "--out", str(tmp_path / "one")], check=True)
+    single, ddp = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "ddp")
+    assert max(b.abs().max().item() for k, b in single.items() if k.endswith(".B")) > 1e-2  # it really trained
+    assert max_diff(single, ddp) <= 1e-4
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
+
+
+def test_grad_accumulation_equals_a_bigger_batch(tiny_model_dir, instruction_file, tmp_path):
+    train(config(tiny_model_dir, instruction_file, tmp_path / "big", batch_size=4))
+    train(config(tiny_model_dir, instruction_file, tmp_path / "acc", batch_size=2, grad_accum=2))
+    assert max_diff(adapter_tensors(tmp_path / "big"), adapter_tensors(tmp_path / "acc")) <= 1e-5
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, instruction_file, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"non-finite loss \(nan\) at step \d+; training stopped, the last good checkpoint is .*step-0000\d\d",
+    ):
+        train(config(tiny_model_dir, instruction_file, out, lr=1e30, steps=20, save_every=1))
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints and all(p.startswith("step-") for p in checkpoints)
+    good = lorakit.read_adapter(out / "checkpoints" / checkpoints[-1])[2]
+    assert all(torch.isfinite(t).all() for t in good.values())
+    assert not (out / "adapter").exists()
+
+
+def test_out_with_a_previous_run_needs_resume(tiny_model_dir, instruction_file, tmp_path):
+    train(config(tiny_model_dir, instruction_file, tmp_path / "r", steps=2))
+    with pytest.raises(lorakit.ConfigError, match="already holds a run; pass --resume"):
+        train(config(tiny_model_dir, instruction_file, tmp_path / "r", steps=2))
+    with pytest.raises(lorakit.ConfigError, match="no checkpoint"):
+        train(config(tiny_model_dir, instruction_file, tmp_path / "r", steps=2, resume=True))
+
+
+def test_resume_with_changed_settings_is_refused(tiny_model_dir, instruction_file, tmp_path):
+    train(config(tiny_model_dir, instruction_file, tmp_path / "r", steps=4, save_every=2))
+    shutil.rmtree(tmp_path / "r" / "adapter")
+    with pytest.raises(lorakit.ConfigError, match="--lr differs"):
+        train(config(tiny_model_dir, instruction_file, tmp_path / "r", steps=4, save_every=2, lr=0.5, resume=True))
+
+
+def test_tensorboard_logs(tiny_model_dir, instruction_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(config(tiny_model_dir, instruction_file, tmp_path / "tb", steps=2, report_to="tensorboard"))
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_checkpoints_hold_no_base_weights(tiny_model_dir, instruction_file, tmp_path):
+    train(config(tiny_model_dir, instruction_file, tmp_path / "c", steps=4, save_every=2))
+    (checkpoint,) = list((tmp_path / "c" / "checkpoints").iterdir())
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert names == ["adapter.json", "adapter.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    stored = sum(p.stat().st_size for p in checkpoint.iterdir())
+    assert stored < (tiny_model_dir / "model.safetensors").stat().st_size
