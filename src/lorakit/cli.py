@@ -144,7 +144,12 @@ def build_parser() -> Parser:
     p.add_argument("--lr-sweep", default=None, help="comma-separated learning rates tried per method on a short budget")
     p.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep run (default: a quarter of --steps)")
     p.add_argument("--target-loss", type=float, default=None, help="report steps needed to reach this eval/train loss")
-    p.add_argument("--demo", action="store_true", help="the built-in demo: default model and data, tuned budget")
+    p.add_argument("--log-scale", action="store_true", help="log-scale loss axis in loss.png")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="the built-in demo: default model and data, a budget for ~15 min on 2 CPU cores",
+    )
     add_train_arguments(p, compare=True)
     return parser
 

@@ -13,15 +13,20 @@ import ast
 import functools
 import hashlib
 import inspect
+import json
+import sys
 import sysconfig
 import textwrap
 from pathlib import Path
+
+from ..atomic import write_json
 
 NAME = "stdlib-docstrings"
 INSTRUCTION = "Write the docstring summary for this function."
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
 EVAL_BUCKETS = 10  # one top-level module in ten goes to eval
 MAX_SOURCE_CHARS = 1200
+VERSION = 1  # bump when the generation rules change (invalidates cached copies)
 
 
 def is_eval_module(top_level: str) -> bool:
@@ -59,6 +64,27 @@ def _function_records(path: Path, module: str) -> list[dict]:
 
 @functools.lru_cache(maxsize=1)
 def _all_records(root: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
+    """Both splits; cached as JSON in the lorakit cache, keyed by the stdlib's path and Python version."""
+    from ..models import cache_dir
+
+    key = hashlib.sha256(f"{root}:{sys.version}:{VERSION}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "datasets" / f"{NAME}-{key}.json"
+    if cached.is_file():
+        try:
+            data = json.loads(cached.read_text())
+            return tuple(data["train"]), tuple(data["eval"])
+        except (OSError, ValueError, KeyError):
+            pass  # regenerate below
+    train, evaluation = _generate(root)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cached, {"train": train, "eval": evaluation})
+    except OSError:
+        pass  # caching only saves time
+    return tuple(train), tuple(evaluation)
+
+
+def _generate(root: str) -> tuple[list[dict], list[dict]]:
     train, evaluation = [], []
     base = Path(root)
     for path in sorted(base.rglob("*.py")):
@@ -69,7 +95,7 @@ def _all_records(root: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
         (evaluation if is_eval_module(relative.parts[0].removesuffix(".py")) else train).extend(
             _function_records(path, module)
         )
-    return tuple(train), tuple(evaluation)
+    return train, evaluation
 
 
 def load(split: str = "train", root: str | None = None) -> list[dict]:

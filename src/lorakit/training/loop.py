@@ -173,6 +173,8 @@ def train(cfg: TrainConfig) -> dict:
     started, tokens_total = time.perf_counter(), 0
     last_checkpoint = checkpoint_dirs(out)[-1] if checkpoint_dirs(out) else None
     record: dict = {}
+    if eval_examples and cfg.eval_every and start_step == 0:  # where every method starts from
+        log.write({"step": 0, **evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device, accelerator)})
     try:
         for step in range(start_step, cfg.steps):
             step_start = time.perf_counter()

@@ -101,6 +101,15 @@ class TrainConfig:
         except ConfigError as exc:
             raise ConfigError(_flags_in_message(str(exc))) from None
 
+    def to_argv(self) -> list[str]:
+        """The `lorakit train` flags that reproduce this config."""
+        argv = []
+        for key, value in dataclasses.asdict(self).items():
+            if value is None or value is False:
+                continue
+            argv += [_flag(key)] if value is True else [_flag(key), str(value)]
+        return argv
+
     def comparable(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUME_MAY_DIFFER}
 

@@ -1,0 +1,106 @@
+"""`lorakit compare`: every method × every seed with the same data order, batch, schedule and budget, then
+results.json, report.md, loss.png and params.png. Resumable per (method, seed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ..atomic import prepare_directory, write_bytes, write_json
+from ..errors import ConfigError
+from ..training.run_config import check_writable
+from .plots import plot_loss, plot_params
+from .report import markdown, summarise
+from .runner import run_one, sweep_learning_rate
+from .spec import parse_methods, parse_numbers
+
+# `make demo`: the default model and data, each method at a learning rate that suits it, ~10-15 min on 2 CPU cores.
+DEMO = dict(
+    methods="lora:lr=3e-4,olora:lr=3e-4,mini:lr=3e-3",
+    seeds="1",
+    steps=60,
+    batch_size=4,
+    max_length=128,
+    eval_every=15,
+    eval_limit=48,
+    warmup=5,
+    rank=16,
+)
+
+
+def _apply_demo(args) -> None:
+    from ..cli import build_parser
+
+    defaults = vars(build_parser().parse_args(["compare", "--out", args.out]))
+    for key, value in DEMO.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+
+
+def run_compare_command(args) -> int:
+    from ..commands import train_config_from_args
+
+    if args.demo:
+        _apply_demo(args)
+    specs = parse_methods(args.methods)
+    seeds = parse_numbers("--seeds", args.seeds, int)
+    rates = parse_numbers("--lr-sweep", args.lr_sweep, float) if args.lr_sweep else None
+    out = Path(args.out)
+    base = train_config_from_args(args, method=specs[0].method, seed=seeds[0], out=str(out / "runs"), quiet=False)
+    sweep_steps = args.sweep_steps or max(1, base.steps // 4)
+    if base.save_every == 0:
+        base = dataclasses.replace(base, save_every=max(1, base.steps // 5))  # so that a compare can resume
+    for spec in specs:  # every setting is checked before anything runs
+        try:
+            dataclasses.replace(base, **spec.overrides, method=spec.method).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"--methods {spec.label}: {exc}") from None
+    check_writable(out)
+    setting = {
+        k: v for k, v in dataclasses.asdict(base).items() if k not in ("out", "seed", "method", "quiet", "resume")
+    }
+    identity = {"methods": [s.label for s in specs], "seeds": seeds, "lr_sweep": rates, "setting": setting}
+    marker = out / "compare.json"
+    if marker.is_file() and json.loads(marker.read_text()) != identity:
+        raise ConfigError(
+            f"--out {out} holds a different comparison; use the same flags to resume it or choose a new --out"
+        )
+    prepare_directory(out)
+    write_json(marker, identity)
+
+    methods = {}
+    for spec in specs:
+        lr, sweep = spec.overrides.get("lr", base.lr), None
+        if rates and "lr" not in spec.overrides:
+            lr, sweep = sweep_learning_rate(base, spec, rates, sweep_steps, out / "sweep")
+        runs = {}
+        for seed in seeds:
+            cfg = dataclasses.replace(
+                base,
+                **{**spec.overrides, "lr": lr},
+                method=spec.method,
+                seed=seed,
+                out=str(out / "runs" / spec.slug / f"seed-{seed}"),
+            )
+            runs[str(seed)] = run_one(cfg, spec.label)
+        methods[spec.label] = {
+            "method": spec.method,
+            "overrides": spec.overrides,
+            "lr": lr,
+            "lr_sweep": sweep,
+            "runs": runs,
+        }
+
+    has_eval = all(r["eval_curve"] for m in methods.values() for r in m["runs"].values() if not r.get("diverged"))
+    methods, target = summarise(methods, args.target_loss)
+    results = {"setting": setting, "seeds": seeds, "has_eval": has_eval, "target_loss": target, "methods": methods}
+    write_json(out / "results.json", results)
+    report = markdown(results)
+    write_bytes(out / "report.md", report.encode())
+    plot_loss(results, out / "loss.png", log_scale=args.log_scale)
+    plot_params(results, out / "params.png")
+    print(report.split("\n![loss]")[0], file=sys.stdout)
+    print(f"\nwritten: {out / 'results.json'}, {out / 'report.md'}, {out / 'loss.png'}, {out / 'params.png'}")
+    return 0
