@@ -26,7 +26,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
     pass
 
 
-def _add_model(p, required=False):
+def _add_model(p, required=False, adapter=False):
     p.add_argument(
         "--model",
         default=None if required else DEFAULT_MODEL,
@@ -34,6 +34,13 @@ def _add_model(p, required=False):
         help=f"transformers model directory, .gguf file, hub id, or the built-in {DEFAULT_MODEL}",
     )
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repository")
+    if adapter:
+        p.add_argument(
+            "--no-strict",
+            dest="strict",
+            action="store_false",
+            help="apply the adapter even if the base weights differ from those it was trained on (a warning)",
+        )
 
 
 def add_train_arguments(p, *, compare: bool = False) -> None:
@@ -104,7 +111,7 @@ def build_parser() -> Parser:
     )
 
     p = command("eval", "evaluate an adapter: loss, perplexity, and exact match for instruction data")
-    _add_model(p)
+    _add_model(p, adapter=True)
     p.add_argument("--adapter", default=None, help="adapter directory (omit to evaluate the base model)")
     p.add_argument("--data", required=True, help="evaluation data (file, hub dataset or stdlib-docstrings)")
     p.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per example")
@@ -115,18 +122,18 @@ def build_parser() -> Parser:
     )
 
     p = command("generate", "generate a greedy completion for a prompt")
-    _add_model(p)
+    _add_model(p, adapter=True)
     p.add_argument("--adapter", default=None, help="adapter directory")
     p.add_argument("--prompt", required=True, help="the user prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
 
     p = command("merge", "fold an adapter into the base weights and save a full transformers model")
-    _add_model(p)
+    _add_model(p, adapter=True)
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="new directory for the merged model")
 
     p = command("export", "export an adapter to another format (PEFT LoRA: loadable by PEFT, vLLM, TGI)")
-    _add_model(p)
+    _add_model(p, adapter=True)
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--format", default="peft", help="peft")
     p.add_argument("--out", required=True, help="new directory for the exported adapter")

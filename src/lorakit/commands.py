@@ -42,7 +42,7 @@ def _positive(name: str, value: int, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} {value} is invalid; use a {'non-negative' if allow_zero else 'positive'} integer")
 
 
-def _load_adapted(args, *, strict: bool = True):
+def _load_adapted(args):
     """(model, tokenizer) with the adapter from args.adapter applied, if any."""
     from .models import load_model
     from .persist import load_adapter, read_adapter
@@ -53,7 +53,7 @@ def _load_adapted(args, *, strict: bool = True):
     if args.adapter:
         if Path(args.model, MERGED_MARKER).is_file():
             raise ConfigError(f"model {args.model} is already merged with an adapter; use the original base model")
-        model = load_adapter(model, args.adapter, strict=strict)
+        model = load_adapter(model, args.adapter, strict=getattr(args, "strict", True))
     return model, tokenizer
 
 

@@ -202,7 +202,7 @@ def check_base(model: nn.Module, metadata: dict, config: AdapterConfig, *, stric
         if actual != info["base_sha256"]:
             message = (
                 f"base module {name} has different weights than the adapter was trained on; "
-                "load it onto the same base model, or pass strict=False (--no-strict) to apply it anyway"
+                "load it onto the same base model, or pass strict=False (CLI: --no-strict) to apply it anyway"
             )
             if strict or (config.method == "mini" and config.mini_outer == "qr"):
                 if not strict:

@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..atomic import prepare_directory, write_json
-from ..data import load_examples
+from ..data import load_examples, read_records
 from ..data.stdlib_docstrings import NAME as DEFAULT_DATA
 from ..errors import ConfigError, LorakitError
 from ..inject import adapt, adapter_layers
@@ -28,7 +28,7 @@ from ..persist import load_adapter, save_adapter
 from .batches import collate, global_batch, micro_batch, token_loss_sum, trained_tokens
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from .evaluate import evaluate_loss
-from .run_config import TrainConfig
+from .run_config import TrainConfig, flags_in_message
 
 SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -119,6 +119,8 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     torch.manual_seed(cfg.seed)
+    for source in filter(None, (cfg.data, cfg.eval_data)):
+        read_records(source)  # fail fast on a missing or broken file, before the model loads
     base, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     examples, data_format = load_examples(cfg.data, tokenizer, cfg.max_length)
     eval_source = cfg.eval_data or (DEFAULT_DATA if cfg.data == DEFAULT_DATA else None)
@@ -127,7 +129,10 @@ def train(cfg: TrainConfig) -> dict:
         eval_examples, _ = load_examples(eval_source, tokenizer, cfg.max_length, split="eval")
         if cfg.eval_limit:
             eval_examples = eval_examples[: cfg.eval_limit]
-    model = load_adapter(base, resume_from) if resume_from else adapt(base, cfg.adapter_config())
+    try:
+        model = load_adapter(base, resume_from) if resume_from else adapt(base, cfg.adapter_config())
+    except ConfigError as exc:
+        raise ConfigError(flags_in_message(str(exc))) from None
     layers = [layer for _, layer in adapter_layers(model)]
     trainable = sum(p.numel() for layer in layers for p in layer.trainable_parameters().values())
 

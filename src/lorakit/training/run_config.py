@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +101,7 @@ class TrainConfig:
                 mini_outer=self.mini_outer,
             )
         except ConfigError as exc:
-            raise ConfigError(_flags_in_message(str(exc))) from None
+            raise ConfigError(flags_in_message(str(exc))) from None
 
     def to_argv(self) -> list[str]:
         """The `lorakit train` flags that reproduce this config."""
@@ -129,21 +131,25 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _flags_in_message(message: str) -> str:
-    """Name config fields as the CLI flags the user typed (r -> --rank, mini_a -> --mini-a)."""
-    for field, flag in (
-        ("r=", "--rank "),
-        ("alpha=", "--alpha "),
-        ("mini_a=", "--mini-a "),
-        ("mini_b=", "--mini-b "),
-        ("mini_outer=", "--mini-outer "),
-        ("method=", "--method "),
-        ("init=", "--init "),
-        ("dropout=", "--dropout "),
-        ("targets=", "--targets "),
-    ):
-        if message.startswith(field):
-            return flag + message[len(field) :]
+FLAG_NAMES = {
+    "r": "--rank",
+    "alpha": "--alpha",
+    "mini_a": "--mini-a",
+    "mini_b": "--mini-b",
+    "mini_outer": "--mini-outer",
+    "method": "--method",
+    "init": "--init",
+    "dropout": "--dropout",
+    "targets": "--targets",
+}
+
+
+def flags_in_message(message: str) -> str:
+    """Name config fields as the CLI flags the user typed: "r=0 is invalid" -> "--rank 0 is invalid"."""
+    for field, flag in FLAG_NAMES.items():
+        message = re.sub(rf"(?<![\w-]){field}=", f"{flag} ", message)
+        message = re.sub(rf"(?<=use ){field} <=", f"{flag} <=", message)
+        message = re.sub(rf"^{field} ", f"{flag} ", message)
     return message
 
 
@@ -155,8 +161,13 @@ def check_writable(out: Path) -> None:
         if not os.access(out, os.W_OK):
             raise ConfigError(f"--out {out} is not writable; choose a writable directory")
         return
-    parent = out.parent
+    parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {out} cannot be created ({parent} is not a writable directory); choose another path")
+    try:  # a real probe: os.access says yes to root even where nothing can be created
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError:
+        raise ConfigError(
+            f"--out {out} cannot be created ({parent} is not a writable directory); choose another path"
+        ) from None

@@ -1,0 +1,100 @@
+"""The bad inputs of docs/errors.md: the files they need, and how to run one row.
+
+`python tests/cli/error_cases.py` runs every row and prints the table for docs/errors.md (placeholders kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DOC = HERE.parents[1] / "docs" / "errors.md"
+sys.path.insert(0, str(HERE.parent))
+
+
+def build_files(root: Path) -> dict[str, str]:
+    """Create every file a row refers to; returns the placeholder -> path mapping (without {out})."""
+    import torch
+    from tiny_assets import build_model_dir, write_instruction_data
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    files = {"tmp": root}
+    files["model"] = build_model_dir(root / "model")
+    files["othermodel"] = build_model_dir(root / "othermodel", seed=1)
+    files["data"] = write_instruction_data(root / "train.jsonl")
+    (root / "notmodel").mkdir()
+    (root / "notmodel" / "readme.txt").write_text("not a model")
+    files["notmodel"] = root / "notmodel"
+    files["badgguf"] = root / "bad.gguf"
+    files["badgguf"].write_bytes(b"GGUF" + bytes(range(256)))
+    texts = {
+        "empty": "",
+        "broken": '{"text": "a"}\n{"text": \n',
+        "nooutput": '{"instruction": "a"}\n',
+        "notext": '{"text": "a"}\n{"body": "b"}\n',
+    }
+    for name, content in texts.items():
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text(content)
+    files["outfile"] = root / "outfile"
+    files["outfile"].write_text("an existing file\n")
+    model = lorakit.adapt(AutoModelForCausalLM.from_pretrained(files["model"]), lorakit.AdapterConfig(r=4))
+    files["adapter"] = lorakit.save_adapter(model, root / "adapter")
+    for name in ("corrupt", "truncated", "nofields", "newer"):
+        files[name] = Path(shutil.copytree(files["adapter"], root / name))
+    tensors = files["corrupt"] / "adapter.safetensors"
+    tensors.write_bytes(bytes(b ^ 0xFF for b in tensors.read_bytes()))
+    os.truncate(files["truncated"] / "adapter.safetensors", 1000)
+    for name, edit in (("nofields", lambda d: d.pop("modules")), ("newer", lambda d: d.update(format_version=2))):
+        meta = json.loads((files[name] / "adapter.json").read_text())
+        edit(meta)
+        (files[name] / "adapter.json").write_text(json.dumps(meta))
+    files["merged"] = Path(shutil.copytree(files["model"], root / "merged"))
+    (files["merged"] / "lorakit_merged.json").write_text("{}")
+    del torch
+    return {k: str(v) for k, v in files.items()}
+
+
+def parse_doc() -> list[dict]:
+    rows = []
+    for line in DOC.read_text().splitlines():
+        match = re.fullmatch(r"\| (\d+) \| (.+?) \| `lorakit (.+?)` \| `(.+)` \|", line.strip())
+        if match:
+            rows.append({"number": int(match[1]), "input": match[2], "command": match[3], "message": match[4]})
+    return rows
+
+
+def run_row(command: str, files: dict[str, str], out: str) -> subprocess.CompletedProcess:
+    args = [part.format(**files, out=out) for part in shlex.split(command)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, env=env)
+
+
+def _unformat(text: str, files: dict[str, str], out: str) -> str:
+    for key, value in sorted({**files, "out": out}.items(), key=lambda kv: -len(kv[1])):
+        text = text.replace(value, "{" + key + "}")
+    return text
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = build_files(Path(tmp))
+        for number, line in enumerate(Path(sys.argv[1]).read_text().splitlines(), 1):
+            label, command = line.split("|", 1)
+            out = str(Path(tmp) / f"out-{number}")
+            result = run_row(command, files, out)
+            last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "(nothing)"
+            print(
+                f"| {number} | {label} | `lorakit {command}` | `{_unformat(last, files, out)}` |  rc={result.returncode}"
+            )
