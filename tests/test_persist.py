@@ -233,5 +233,5 @@ def test_read_adapter_reports_metadata(tmp_path):
     _, path = _saved(tmp_path, "mini-orthonormal")
     metadata, config, tensors = lorakit.read_adapter(path)
     assert metadata["format_version"] == 1 and config.method == "mini" and metadata["lorakit_version"]
-    assert all(len(info["base_sha256"]) == 64 for info in metadata["modules"].values())
+    assert all(len(info["base_fingerprint"]) == 64 for info in metadata["modules"].values())
     assert metadata["trainable_parameters"] == sum(t.numel() for t in tensors.values())

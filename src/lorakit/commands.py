@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -169,7 +170,7 @@ def run_inspect(args) -> int:
     path = Path(args.adapter)
     size = sum((path / name).stat().st_size for name in ("adapter.safetensors", "adapter.json"))
     modules = metadata["modules"]
-    fingerprint = __import__("hashlib").sha256("".join(m["base_sha256"] for m in modules.values()).encode()).hexdigest()
+    fingerprint = hashlib.sha256("".join(m["base_fingerprint"] for m in modules.values()).encode()).hexdigest()
     base = metadata.get("base_model") or {}
     lines = [
         f"adapter:     {path}",
@@ -181,7 +182,7 @@ def run_inspect(args) -> int:
         f"fingerprint: {len(modules)} modules, combined sha256 {fingerprint[:16]}",
     ]
     lines += [
-        f"  {name}  {m['in']} -> {m['out']}  weight sha256 {m['base_sha256'][:12]}"
+        f"  {name}  {m['in']} -> {m['out']}  weight fingerprint {m['base_fingerprint'][:12]}"
         for name, m in list(modules.items())[:8]
     ]
     if len(modules) > 8:

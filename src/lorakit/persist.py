@@ -50,7 +50,7 @@ def save_adapter(model: nn.Module, directory) -> Path:
             "out": layer.out_features,
             "fan_in_fan_out": layer.fan_in_fan_out,
             "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
-            "base_sha256": layer.base_fingerprint,
+            "base_fingerprint": layer.base_fingerprint,
             "tensors": {key: list(value.shape) for key, value in stored.items()},
         }
     blob = save_safetensors(tensors, metadata={"format": FORMAT})
@@ -158,8 +158,8 @@ def _validate_module(name, info, fail) -> None:
         value = info.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_DIM:
             fail(f"module {name!r} field {key!r} must be an integer in 1..{MAX_DIM}")
-    if not isinstance(info.get("base_sha256"), str) or not isinstance(info.get("tensors"), dict):
-        fail(f"module {name!r} lacks 'base_sha256' or 'tensors'")
+    if not isinstance(info.get("base_fingerprint"), str) or not isinstance(info.get("tensors"), dict):
+        fail(f"module {name!r} lacks 'base_fingerprint' or 'tensors'")
     for key, shape in info["tensors"].items():
         if not (isinstance(shape, list) and all(isinstance(d, int) and 0 < d <= MAX_DIM for d in shape)):
             fail(f"module {name!r} tensor {key!r} has an invalid shape")
@@ -181,7 +181,7 @@ def _check_tensor_shapes(metadata: dict, tensors: dict[str, torch.Tensor], where
 
 
 def check_base(model: nn.Module, metadata: dict, config: AdapterConfig, *, strict: bool = True) -> dict[str, str]:
-    """Compare the base model with the adapter's fingerprint; returns {module: actual weight sha256}."""
+    """Compare the base model with the adapter's fingerprint; returns {module: actual weight fingerprint}."""
     named = dict(model.named_modules())
     hashes = {}
     for name, info in metadata["modules"].items():
@@ -199,7 +199,7 @@ def check_base(model: nn.Module, metadata: dict, config: AdapterConfig, *, stric
             )
         actual = weight_fingerprint(module.weight)
         hashes[name] = actual
-        if actual != info["base_sha256"]:
+        if actual != info["base_fingerprint"]:
             message = (
                 f"base module {name} has different weights than the adapter was trained on; "
                 "load it onto the same base model, or pass strict=False (CLI: --no-strict) to apply it anyway"
