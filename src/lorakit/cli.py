@@ -163,7 +163,9 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # which flags were given explicitly (compare --demo fills in the others)
     from . import commands
 
     try:

@@ -207,10 +207,15 @@ class AdapterLayer(nn.Module):
                 return out
             return out + self._low_rank(x, *initial).to(out.dtype)
         h = self.dropout(x) if self.dropout is not None else x
-        update = self._low_rank(h, *self.factors())
-        if update.dtype != out.dtype:
-            return out + update.to(out.dtype)
-        return out + update
+        a, b = self.factors()
+        if h.dtype != a.dtype:
+            h = h.to(a.dtype)
+        low = h @ a.T
+        if out.dtype == b.dtype and out.is_contiguous():
+            # one fused GEMM accumulates s·B·(A x) into the base output in place: no update tensor, no extra add
+            out.view(-1, out.shape[-1]).addmm_(low.view(-1, low.shape[-1]), b.T, alpha=self.scale)
+            return out
+        return out + (low @ (b.T * self.scale)).to(out.dtype)
 
     # ----------------------------------------------------------------- merge / unmerge / restore
     @torch.no_grad()

@@ -167,3 +167,15 @@ def test_method_specs(text, expected):
 def test_bad_method_specs(text, message):
     with pytest.raises(ValueError, match=message):
         parse_methods(text)
+
+
+def test_demo_fills_only_the_settings_not_given():
+    from lorakit.cli import build_parser
+    from lorakit.compare import DEMO, _apply_demo
+
+    argv = ["compare", "--out", "x", "--demo", "--seeds", "1,2,3", "--steps=7"]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    _apply_demo(args)
+    assert args.seeds == "1,2,3" and args.steps == 7
+    assert args.methods == DEMO["methods"] and args.max_length == DEMO["max_length"]

@@ -31,11 +31,10 @@ DEMO = dict(
 
 
 def _apply_demo(args) -> None:
-    from ..cli import build_parser
-
-    defaults = vars(build_parser().parse_args(["compare", "--out", args.out]))
+    """Demo values for every setting the user did not give explicitly."""
+    given = {token.split("=", 1)[0].lstrip("-").replace("-", "_") for token in args.argv if token.startswith("--")}
     for key, value in DEMO.items():
-        if getattr(args, key) == defaults[key]:
+        if key not in given:
             setattr(args, key, value)
 
 
@@ -61,7 +60,7 @@ def run_compare_command(args) -> int:
     setting = {
         k: v for k, v in dataclasses.asdict(base).items() if k not in ("out", "seed", "method", "quiet", "resume")
     }
-    identity = {"methods": [s.label for s in specs], "seeds": seeds, "lr_sweep": rates, "setting": setting}
+    identity = {"methods": [s.label for s in specs], "lr_sweep": rates, "setting": setting}  # seeds may be added later
     marker = out / "compare.json"
     if marker.is_file() and json.loads(marker.read_text()) != identity:
         raise ConfigError(

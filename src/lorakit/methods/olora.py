@@ -25,7 +25,7 @@ from . import register_method
 def olora_factors(weight_linear: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A0, B0) = (R[:r], Q[:, :r]) of W = QR, via a thin QR of W[:, :r]; float32 on W's device."""
     w = weight_linear.to(torch.float32)
-    q, _ = torch.linalg.qr(w[:, :r])  # out x r
+    q, _ = torch.linalg.qr(w[:, :r].T.contiguous().T)  # out x r; column-major input is LAPACK's native layout
     a = q.T @ w  # r x in; equals R[:r] of the full QR
     return a, q.contiguous()
 
