@@ -25,6 +25,13 @@ def kaiming_uniform(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(rows, cols, generator=gen, dtype=torch.float32).mul_(2 * bound).sub_(bound)
 
 
+def down_projection(init: str, rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """The trained factor that starts random (LoRA's A): Kaiming-uniform, or N(0, (1/rows)²) for "gaussian"."""
+    if init == "gaussian":
+        return gaussian(rows, cols, gen, std=1.0 / rows)
+    return kaiming_uniform(rows, cols, gen)
+
+
 def gaussian(rows: int, cols: int, gen: torch.Generator, std: float = 1.0) -> torch.Tensor:
     return torch.randn(rows, cols, generator=gen, dtype=torch.float32).mul_(std)
 

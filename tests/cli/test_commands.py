@@ -125,7 +125,13 @@ def test_export_peft_loads_in_peft(trained, tiny_model_dir, tmp_path):
 
 def test_inspect_shows_method_params_size_and_fingerprint(trained):
     text = run("inspect", trained / "adapter").stdout
-    for expected in ("method:      olora", "parameters:", "file size:", "fingerprint: 14 modules", "weight fingerprint"):
+    for expected in (
+        "method:      olora",
+        "parameters:",
+        "file size:",
+        "fingerprint: 14 modules",
+        "weight fingerprint",
+    ):
         assert expected in text
 
 

@@ -16,16 +16,16 @@ from .report import markdown, summarise
 from .runner import run_one, sweep_learning_rate
 from .spec import parse_methods, parse_numbers
 
-# `make demo`: the default model and data, each method at a learning rate that suits it, ~10-15 min on 2 CPU cores.
+# `make demo`: the default model and data, each method at a learning rate that suits it, ~10 min on 2 CPU cores.
 DEMO = dict(
     methods="lora:lr=3e-4,olora:lr=3e-4,mini:lr=3e-3",
     seeds="1",
-    steps=60,
+    steps=40,
     batch_size=4,
     max_length=128,
-    eval_every=15,
-    eval_limit=48,
-    warmup=5,
+    eval_every=10,
+    eval_limit=32,
+    warmup=4,
     rank=16,
 )
 
@@ -47,7 +47,7 @@ def run_compare_command(args) -> int:
     seeds = parse_numbers("--seeds", args.seeds, int)
     rates = parse_numbers("--lr-sweep", args.lr_sweep, float) if args.lr_sweep else None
     out = Path(args.out)
-    base = train_config_from_args(args, method=specs[0].method, seed=seeds[0], out=str(out / "runs"), quiet=False)
+    base = train_config_from_args(args, method=specs[0].method, seed=seeds[0], out=str(out / "runs"))
     sweep_steps = args.sweep_steps or max(1, base.steps // 4)
     if base.save_every == 0:
         base = dataclasses.replace(base, save_every=max(1, base.steps // 5))  # so that a compare can resume

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..errors import LorakitError
 from ..training.checkpoint import checkpoint_dirs
 from ..training.run_config import TrainConfig
 from .spec import MethodSpec
@@ -30,14 +31,15 @@ def run_one(cfg: TrainConfig, label: str) -> dict:
             shutil.rmtree(out)  # an interrupted run without checkpoint starts over
         cfg = dataclasses.replace(cfg, resume=resume)
         print(f"lorakit compare: {label} seed {cfg.seed} lr {cfg.lr:g}{' (resumed)' if resume else ''}", flush=True)
-        result = subprocess.run(
-            [sys.executable, "-m", "lorakit", "train", *cfg.to_argv()], stderr=subprocess.PIPE, text=True
-        )
+        # the child's progress bar and messages go straight to the terminal
+        result = subprocess.run([sys.executable, "-m", "lorakit", "train", *cfg.to_argv()])
         if result.returncode not in (0, DIVERGED_EXIT):
-            message = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            raise RuntimeError(f"run {label} seed {cfg.seed} failed: {message}")
+            raise LorakitError(
+                f"run {label} seed {cfg.seed} failed (exit code {result.returncode}, message above); "
+                "fix it and run the same compare command again to resume"
+            )
         if result.returncode == DIVERGED_EXIT:
-            return {"diverged": True, "message": result.stderr.strip().splitlines()[-1], **read_curves(out)}
+            return {"diverged": True, **read_curves(out)}
     return {"diverged": False, **json.loads((out / "summary.json").read_text()), **read_curves(out)}
 
 

@@ -31,10 +31,7 @@ class LoraLayer(AdapterLayer):
 
     def initialize(self) -> None:
         gen = lk_random.generator(self.config.seed, self.name, "A")
-        if self.config.init == "gaussian":
-            a = lk_random.gaussian(self.r, self.in_features, gen, std=1.0 / self.r)
-        else:
-            a = lk_random.kaiming_uniform(self.r, self.in_features, gen)
+        a = lk_random.down_projection(self.config.init, self.r, self.in_features, gen)
         with torch.no_grad():
             self.A.copy_(a)
             self.B.zero_()

@@ -90,10 +90,7 @@ class MiniLayer(AdapterLayer):
 
     def initialize(self) -> None:
         gen = lk_random.generator(self.config.seed, self.name, "A_in")
-        if self.config.init == "gaussian":
-            a_in = lk_random.gaussian(self.r, self.config.mini_a, gen, std=1.0 / self.r)
-        else:
-            a_in = lk_random.kaiming_uniform(self.r, self.config.mini_a, gen)
+        a_in = lk_random.down_projection(self.config.init, self.r, self.config.mini_a, gen)
         with torch.no_grad():
             self.A_in.copy_(a_in)
             self.B_in.zero_()
