@@ -36,6 +36,9 @@ def prepare_directory(path: str | os.PathLike) -> Path:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     target = Path(path)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a write that was killed
+        with contextlib.suppress(OSError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

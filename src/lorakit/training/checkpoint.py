@@ -35,6 +35,8 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, extra: dict, keep: int) -> Path:
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".tmp-{PREFIX}*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step}-", dir=root))
     try:
         save_adapter(model, tmp)
