@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -101,7 +102,8 @@ def test_resume_skips_finished_runs(compared, tiny_model_dir, instruction_file):
     shutil.rmtree(out / "runs" / "lora" / "seed-2")  # as if interrupted before this run
     result = compare(tiny_model_dir, instruction_file, out)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("lorakit compare: ") == 1 and "lora seed 2" in result.stdout
+    started = re.findall(r"^lorakit compare: (.+) seed (\d+)", result.stdout, flags=re.MULTILINE)
+    assert started == [("lora", "2")]
     assert (out / "runs" / "lora" / "seed-1" / "summary.json").stat().st_mtime_ns == before
 
 
