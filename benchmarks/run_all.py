@@ -36,7 +36,7 @@ def main() -> None:
         ("olora_init_model", lambda: bench_olora_init.whole_model(repeats=5)),
         ("train_step", lambda: bench_train_step.step_times(repeats=5)),
         ("peak_memory", bench_train_step.peak_memory),
-        ("inference", lambda: bench_inference.forward_times(repeats=7)),
+        ("inference", lambda: bench_inference.forward_times(repeats=11)),
         ("adapter_files", bench_inference.adapter_bytes),
     ]
     for name, fn in steps:

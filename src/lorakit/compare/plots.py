@@ -17,6 +17,12 @@ def _pyplot():
     return plt
 
 
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def _band(curves: list[list[list[float]]]):
     """Steps common to all seeds, mean and (min, max) of the loss there."""
     if not curves or not all(curves):
@@ -82,6 +88,7 @@ def plot_params(results: dict, path: Path) -> None:
         axis.errorbar([params], [mean], yerr=[std], fmt="o", capsize=4, label=label)
         axis.annotate(label, (params, mean), textcoords="offset points", xytext=(6, 6), fontsize=8)
     axis.set_xscale("log")
+    axis.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())  # minor labels overlap on short ranges
     axis.set_xlabel("trainable parameters (log scale)")
     axis.set_ylabel("final loss (mean ± std over seeds)")
     axis.set_title("final loss against adapter size")
