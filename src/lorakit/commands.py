@@ -55,6 +55,10 @@ def _load_adapted(args):
         if Path(args.model, MERGED_MARKER).is_file():
             raise ConfigError(f"model {args.model} is already merged with an adapter; use the original base model")
         model = load_adapter(model, args.adapter, strict=getattr(args, "strict", True))
+    import torch
+
+    if torch.cuda.is_available():  # eval / generate on the GPU when there is one
+        model = model.to("cuda")
     return model, tokenizer
 
 
@@ -72,9 +76,8 @@ def run_eval(args) -> int:
     examples, fmt = load_examples(args.data, tokenizer, args.max_length, split=split)
     if args.limit:
         examples = examples[: args.limit]
-    import torch
-
-    result = evaluate_loss(model, examples, args.batch_size, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    device = next(model.parameters()).device
+    result = evaluate_loss(model, examples, args.batch_size, tokenizer.pad_token_id or 0, device)
     result["examples"] = len(examples)
     if fmt == "instruction" and args.exact_match:
         records = read_records(args.data, split=split)
