@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +115,20 @@ def instruction_file(tmp_path_factory):
     from tiny_assets import write_instruction_data
 
     return write_instruction_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def kill_during_write(body: str) -> None:
+    """Run `body` in a new Python process whose first fsync stalls, and kill -9 it there (mid-write)."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent / "training")!r}]
+        from lorakit import atomic
+        def stall(fd):
+            print("writing", flush=True)
+            time.sleep(60)
+        atomic.os.fsync = stall
+    """) + textwrap.dedent(body)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

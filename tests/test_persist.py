@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VARIANTS, fresh_copy, make_config, model_output, perturb_adapters, tiny_gpt2, tiny_llama
+from conftest import (
+    VARIANTS,
+    fresh_copy,
+    kill_during_write,
+    make_config,
+    model_output,
+    perturb_adapters,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 import lorakit
 from lorakit import atomic
@@ -201,24 +209,13 @@ def test_kill_during_save_keeps_previous_adapter(tmp_path, inputs):
     path = lorakit.save_adapter(model, tmp_path / "a")
     expected = model_output(lorakit.load_adapter(fresh_copy(base), path), inputs)
     # A second process starts saving a different adapter over it and is killed -9 in the middle of the write.
-    script = textwrap.dedent(f"""
-        import sys, time, os
-        sys.path.insert(0, {str(REPO / "tests")!r})
+    kill_during_write(f"""
         from conftest import tiny_llama, perturb_adapters
         import lorakit
-        from lorakit import atomic
-        def stall(fd):
-            print("writing", flush=True)
-            time.sleep(60)
-        atomic.os.fsync = stall
         model = lorakit.adapt(tiny_llama(), lorakit.AdapterConfig(method="lora", r=4, alpha=8))
         perturb_adapters(model, seed=3)
         lorakit.save_adapter(model, {str(path)!r})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     torch.testing.assert_close(model_output(lorakit.load_adapter(fresh_copy(base), path), inputs), expected)
 
 

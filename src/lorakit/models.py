@@ -116,6 +116,7 @@ def _write_cache(model, tokenizer, cached: Path) -> None:
     model.hf_quantizer = None  # the weights are plain float tensors now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    tmp = None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
@@ -124,4 +125,5 @@ def _write_cache(model, tokenizer, cached: Path) -> None:
         os.replace(tmp, cached)
     except OSError as exc:
         log.warning("could not cache the converted model at %s (%s); the next load will convert again", cached, exc)
-        shutil.rmtree(locals().get("tmp", cached / "__none__"), ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

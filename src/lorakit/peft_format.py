@@ -10,7 +10,6 @@ set so that PEFT's scale equals lorakit's. Import reads a plain PEFT LoRA adapte
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
 from .inject import _require_adapted, adapter_layers, build_layers, install
 from .layer import is_supported_layer
+from .persist import read_json
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -103,10 +103,7 @@ def _read_peft(directory) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = path / PEFT_CONFIG
     if not config_path.is_file():
         raise AdapterFileError(f"{config_path} not found; pass a directory saved by PEFT's save_pretrained")
-    try:
-        peft_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{config_path} is not valid JSON ({exc})") from None
+    peft_config = read_json(config_path, "re-save the adapter with PEFT's save_pretrained")
     if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
         kind = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
         raise AdapterFileError(f"{config_path}: peft_type is {kind!r}; lorakit imports LoRA adapters only")

@@ -89,10 +89,7 @@ def read_adapter(directory) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor
     meta_path = path / CONFIG_FILE
     if not meta_path.is_file():
         raise AdapterFileError(f"{meta_path} is missing; {path} is not a lorakit adapter directory")
-    try:
-        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{meta_path} is not valid JSON ({exc}); the file is corrupt, save it again") from None
+    metadata = read_json(meta_path, "the file is corrupt, save it again")
     config = validate_metadata(metadata, meta_path)
     tensor_path = path / metadata["tensors_file"]
     if not tensor_path.is_file():
@@ -109,6 +106,14 @@ def read_adapter(directory) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor
         raise AdapterFileError(f"{tensor_path} is not a valid safetensors file ({exc}); save it again") from None
     _check_tensor_shapes(metadata, tensors, tensor_path)
     return metadata, config, tensors
+
+
+def read_json(path: Path, fix: str):
+    """Parse a JSON file; a one-line AdapterFileError naming the file, the problem and `fix` otherwise."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); {fix}") from None
 
 
 def validate_metadata(metadata, where) -> AdapterConfig:

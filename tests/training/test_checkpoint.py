@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
+from conftest import kill_during_write
 from transformers import get_scheduler
 
 import lorakit
@@ -60,24 +57,14 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 def test_kill_during_checkpoint_save_keeps_previous_checkpoint(tmp_path):
     model, optimizer, scheduler = _setup()
     save_checkpoint(tmp_path, model, optimizer, scheduler, 1, {}, keep=2)
-    script = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(TESTS / "training")!r})
+    kill_during_write(f"""
+        from pathlib import Path
         from test_checkpoint import _setup, _train_steps
-        from lorakit import atomic
         from lorakit.training.checkpoint import save_checkpoint
-        def stall(fd):
-            print("writing", flush=True)
-            time.sleep(60)
-        atomic.os.fsync = stall
         model, optimizer, scheduler = _setup()
         _train_steps(model, optimizer, scheduler, 2)
-        save_checkpoint(__import__("pathlib").Path({str(tmp_path)!r}), model, optimizer, scheduler, 2, {{}}, keep=2)
+        save_checkpoint(Path({str(tmp_path)!r}), model, optimizer, scheduler, 2, {{}}, keep=2)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     (only,) = checkpoint_dirs(tmp_path)
     assert only.name == "step-000001"
     _, optimizer2, scheduler2 = _setup()

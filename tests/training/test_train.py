@@ -77,33 +77,18 @@ def test_train_writes_adapter_log_summary_and_loss_falls(method, tiny_model_dir,
 
 
 def test_resume_after_kill_gives_the_same_adapter(tiny_model_dir, instruction_file, tmp_path):
-    args = [
-        "train",
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(instruction_file),
-        "--steps",
-        "60",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--rank",
-        "4",
-        "--max-length",
-        "64",
-        "--quiet",
-        "--dropout",
-        "0.1",
-        "--save-every",
-        "5",
-        "--grad-accum",
-        "2",
-    ]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    subprocess.run(LORAKIT + args + ["--out", str(whole)], check=True)
-    proc = subprocess.Popen(LORAKIT + args + ["--out", str(broken)])
+
+    def argv(out, **extra):
+        return [
+            "train",
+            *config(
+                tiny_model_dir, instruction_file, out, steps=60, dropout=0.1, save_every=5, grad_accum=2, **extra
+            ).to_argv(),
+        ]
+
+    subprocess.run(LORAKIT + argv(whole), check=True)
+    proc = subprocess.Popen(LORAKIT + argv(broken))
     deadline = time.time() + 120
     while time.time() < deadline and not (broken / "checkpoints" / "step-000015").exists():
         time.sleep(0.005)
@@ -111,31 +96,19 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_model_dir, instruction_fi
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (broken / "adapter").exists(), "the run finished before it was killed; the test proved nothing"
-    subprocess.run(LORAKIT + args + ["--out", str(broken), "--resume"], check=True)
+    subprocess.run(LORAKIT + argv(broken, resume=True), check=True)
     assert max_diff(adapter_tensors(whole), adapter_tensors(broken)) <= 1e-6
     steps = [json.loads(l)["step"] for l in (broken / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 61))
 
 
 def test_two_processes_equal_one_with_double_batch(tiny_model_dir, instruction_file, tmp_path):
-    common = [
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(instruction_file),
-        "--steps",
-        "4",
-        "--lr",
-        "1e-2",
-        "--rank",
-        "4",
-        "--max-length",
-        "64",
-        "--quiet",
-    ]
+    def argv(out, batch_size):
+        return ["train", *config(tiny_model_dir, instruction_file, out, steps=4, batch_size=batch_size).to_argv()]
+
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit"]
-    subprocess.run(torchrun + ["train", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")], check=True)
-    subprocess.run(LORAKIT + ["train", *common, "--batch-size", "4", "--out", str(tmp_path / "one")], check=True)
+    subprocess.run(torchrun + argv(tmp_path / "ddp", 2), check=True)
+    subprocess.run(LORAKIT + argv(tmp_path / "one", 4), check=True)
     single, ddp = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "ddp")
     assert max(b.abs().max().item() for k, b in single.items() if k.endswith(".B")) > 1e-2  # it really trained
     assert max_diff(single, ddp) <= 1e-4
