@@ -55,6 +55,15 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_directory(target.parent)
 
 
+def replace_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename `source` over `target` (atomic on POSIX) and make the rename durable."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        raise WriteError(f"could not rename {source} to {target}: {exc.strerror or exc}") from None
+    _fsync_directory(Path(target).parent)
+
+
 def write_json(path: str | os.PathLike, payload) -> None:
     write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
 

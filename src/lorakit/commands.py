@@ -173,7 +173,8 @@ def run_inspect(args) -> int:
     path = Path(args.adapter)
     size = sum((path / name).stat().st_size for name in ("adapter.safetensors", "adapter.json"))
     modules = metadata["modules"]
-    fingerprint = hashlib.sha256("".join(m["base_fingerprint"] for m in modules.values()).encode()).hexdigest()
+    digests = {name: _digest(m["base_fingerprint"]) for name, m in modules.items()}
+    fingerprint = hashlib.sha256("".join(digests.values()).encode()).hexdigest()
     base = metadata.get("base_model") or {}
     lines = [
         f"adapter:     {path}",
@@ -185,13 +186,17 @@ def run_inspect(args) -> int:
         f"fingerprint: {len(modules)} modules, combined sha256 {fingerprint[:16]}",
     ]
     lines += [
-        f"  {name}  {m['in']} -> {m['out']}  weight fingerprint {m['base_fingerprint'][:12]}"
+        f"  {name}  {m['in']} -> {m['out']}  {m.get('base_dtype', '')} weight fingerprint {digests[name][:12]}"
         for name, m in list(modules.items())[:8]
     ]
     if len(modules) > 8:
         lines.append(f"  ... and {len(modules) - 8} more")
     print("\n".join(lines))
     return 0
+
+
+def _digest(fingerprint) -> str:
+    return fingerprint if isinstance(fingerprint, str) else fingerprint["digest"]  # format version 1 / 2
 
 
 def run_compare(args) -> int:

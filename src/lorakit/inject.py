@@ -97,8 +97,13 @@ def adapt(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -
     return model
 
 
-def build_layers(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -> dict[str, AdapterLayer]:
-    """Check `config` against the model and create (not yet install) one adapter layer per target."""
+def build_layers(
+    model: nn.Module, config: AdapterConfig, *, initialize: bool = True, fingerprints: dict | None = None
+) -> dict[str, AdapterLayer]:
+    """Check `config` against the model and create (not yet install) one adapter layer per target.
+
+    `fingerprints` ({name: Fingerprint}) spares re-fingerprinting weights the caller has just checked.
+    """
     if not isinstance(config, AdapterConfig):
         raise ConfigError("config must be a lorakit.AdapterConfig")
     if any(True for _ in adapter_layers(model)):
@@ -107,7 +112,11 @@ def build_layers(model: nn.Module, config: AdapterConfig, *, initialize: bool = 
     names = find_targets(model, config)
     for name in names:
         layer_cls.check_layer(config, name, *linear_shape(model.get_submodule(name)))
-    return {name: layer_cls(model.get_submodule(name), config, name, initialize=initialize) for name in names}
+    fingerprints = fingerprints or {}
+    return {
+        name: layer_cls(model.get_submodule(name), config, name, initialize=initialize, fingerprint=fingerprints.get(name))
+        for name in names
+    }
 
 
 def install(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:

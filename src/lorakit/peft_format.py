@@ -2,7 +2,7 @@
 
 Export turns any lorakit adapter into a plain LoRA relative to the ORIGINAL base model, which
 `peft.PeftModel.from_pretrained(base, dir)` loads and vLLM / TGI serve: LoRA as is; LoRA-Mini as A = A_in A_out,
-B = B_out B_in; OLoRA as the rank-2r [B | −B0] [A ; A0] (see `AdapterLayer.plain_lora_factors`). lora_alpha is
+B = B_out B_in; OLoRA as the rank-2r [B | −B0] [A ; A0] (see `AdapterLayer.export_factors`). lora_alpha is
 set so that PEFT's scale equals lorakit's. Import reads a plain PEFT LoRA adapter (safetensors only: a pickled
 `adapter_model.bin` is refused) and refuses the features lorakit cannot honour.
 """
@@ -54,7 +54,13 @@ def export_peft(model: nn.Module, directory) -> Path:
     config = layers[0][1].config
     tensors, ranks = {}, set()
     for name, layer in layers:
-        a, b = layer.plain_lora_factors()
+        factors = layer.export_factors()
+        if factors is None:
+            raise ConfigError(
+                f"{layer.method} adapters are not low rank and cannot be exported as a PEFT LoRA; use "
+                "`lorakit merge` to write a full merged model instead"
+            )
+        a, b = factors
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.to("cpu", torch.float32).contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.to("cpu", torch.float32).contiguous()
         ranks.add(a.shape[0])

@@ -2,9 +2,21 @@
 
 Only what cannot be regenerated is stored (each method's `stored` tensors): LoRA A, B; OLoRA A, B, A0, B0;
 LoRA-Mini A_in, B_in (outer matrices come back from the seed, or from the base weight for mini_outer="qr").
-adapter.json records the config, the format version, per-module shapes and the sha256 of each adapted module's
-ORIGINAL base weight, and the sha256 of the tensor file, so a truncated, corrupt or mismatched pair is refused.
-Nothing is ever unpickled. Every check runs before the base model is touched.
+adapter.json records the config, the format version, per-module shapes, a fingerprint of each adapted module's
+ORIGINAL base weight (`lorakit.fingerprint`), and the sha256 of the tensor file, so a truncated, corrupt or
+mismatched pair is refused. Nothing is ever unpickled. Every check runs before the base model is touched.
+
+A save replaces both files as one: adapter.json is the commit point.
+
+    1. the new tensors go to `.adapter.pending.safetensors` (temporary file, fsync, rename)
+    2. the new adapter.json, which pins the new tensors by sha256, replaces the old one (temporary, fsync, rename)
+    3. the pending file is renamed to adapter.safetensors
+
+Before step 2 completes, adapter.json and adapter.safetensors are the previous adapter; after it, adapter.json
+is the new one, and the reader takes the tensor file whose sha256 it pins (adapter.safetensors, or the pending
+file until step 3). A save killed or failing at any point leaves the complete previous or the complete new
+adapter (tests/test_persist_atomic.py kills a writer at every fsync and rename in turn). A save that finds a
+committed but unfinished predecessor finishes its step 3 first.
 """
 
 from __future__ import annotations
@@ -22,16 +34,18 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from . import __version__
-from .atomic import prepare_directory, write_bytes, write_json
+from .atomic import prepare_directory, replace_file, write_bytes, write_json
 from .config import AdapterConfig
 from .errors import AdapterFileError, BaseModelMismatchError, ConfigError
+from .fingerprint import DIFFERENT, SAME_OTHER_DTYPE, Fingerprint, tolerance
 from .inject import _require_adapted, adapter_layers, build_layers, install
-from .layer import is_supported_layer, linear_shape, weight_fingerprint
+from .layer import is_supported_layer, linear_shape
 from .methods import METHODS
 
 FORMAT = "lorakit-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: base fingerprints with dtype, norm and samples (version 1: an exact digest only)
 TENSORS_FILE = "adapter.safetensors"
+PENDING_TENSORS_FILE = ".adapter.pending.safetensors"
 CONFIG_FILE = "adapter.json"
 MAX_MODULES = 100_000
 MAX_DIM = 1 << 24
@@ -49,8 +63,8 @@ def save_adapter(model: nn.Module, directory) -> Path:
             "in": layer.in_features,
             "out": layer.out_features,
             "fan_in_fan_out": layer.fan_in_fan_out,
-            "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
-            "base_fingerprint": layer.base_fingerprint,
+            "base_dtype": layer.base_fingerprint.dtype,
+            "base_fingerprint": layer.base_fingerprint.to_json(),
             "tensors": {key: list(value.shape) for key, value in stored.items()},
         }
     blob = save_safetensors(tensors, metadata={"format": FORMAT})
@@ -67,9 +81,31 @@ def save_adapter(model: nn.Module, directory) -> Path:
         "modules": modules,
     }
     out = prepare_directory(directory)
-    write_bytes(out / TENSORS_FILE, blob)
-    write_json(out / CONFIG_FILE, metadata)  # written last: it vouches for the tensor file by hash
+    _finish_interrupted_save(out)
+    write_bytes(out / PENDING_TENSORS_FILE, blob)
+    write_json(out / CONFIG_FILE, metadata)  # the commit point: it pins the pending tensors by hash
+    replace_file(out / PENDING_TENSORS_FILE, out / TENSORS_FILE)
     return out
+
+
+def _finish_interrupted_save(out: Path) -> None:
+    """If a previous save committed adapter.json but was stopped before renaming its tensors, finish it."""
+    pending, meta_path = out / PENDING_TENSORS_FILE, out / CONFIG_FILE
+    if not pending.is_file() or not meta_path.is_file():
+        return
+    try:
+        pinned = json.loads(meta_path.read_text(encoding="utf-8")).get("tensors_sha256")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return
+    if pinned == _sha256_file(pending):
+        replace_file(pending, out / TENSORS_FILE)
+
+
+def _sha256_file(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _describe_base(model: nn.Module) -> dict:
@@ -92,14 +128,18 @@ def read_adapter(directory) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor
     metadata = read_json(meta_path, "the file is corrupt, save it again")
     config = validate_metadata(metadata, meta_path)
     tensor_path = path / metadata["tensors_file"]
-    if not tensor_path.is_file():
+    pending = path / PENDING_TENSORS_FILE
+    if not tensor_path.is_file() and not pending.is_file():
         raise AdapterFileError(f"{tensor_path} is missing; the adapter at {path} is incomplete, save it again")
-    blob = tensor_path.read_bytes()
+    blob = tensor_path.read_bytes() if tensor_path.is_file() else b""
     if hashlib.sha256(blob).hexdigest() != metadata["tensors_sha256"]:
-        raise AdapterFileError(
-            f"{tensor_path} does not match {CONFIG_FILE} (truncated, corrupt or from an interrupted save); "
-            "save the adapter again"
-        )
+        # a save committed adapter.json and was stopped before renaming its tensors into place
+        blob = pending.read_bytes() if pending.is_file() else b""
+        if hashlib.sha256(blob).hexdigest() != metadata["tensors_sha256"]:
+            raise AdapterFileError(
+                f"{tensor_path} does not match {CONFIG_FILE} (truncated, corrupt or from an interrupted save); "
+                "save the adapter again"
+            )
     try:
         tensors = load_safetensors(blob)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -163,8 +203,13 @@ def _validate_module(name, info, fail) -> None:
         value = info.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_DIM:
             fail(f"module {name!r} field {key!r} must be an integer in 1..{MAX_DIM}")
-    if not isinstance(info.get("base_fingerprint"), str) or not isinstance(info.get("tensors"), dict):
+    if not isinstance(info.get("base_fingerprint"), str | dict) or not isinstance(info.get("tensors"), dict):
         fail(f"module {name!r} lacks 'base_fingerprint' or 'tensors'")
+    if isinstance(info["base_fingerprint"], dict):
+        try:
+            Fingerprint.from_json(info["base_fingerprint"])
+        except (ValueError, TypeError) as exc:
+            fail(f"module {name!r} has an invalid 'base_fingerprint' ({exc})")
     for key, shape in info["tensors"].items():
         if not (isinstance(shape, list) and all(isinstance(d, int) and 0 < d <= MAX_DIM for d in shape)):
             fail(f"module {name!r} tensor {key!r} has an invalid shape")
@@ -185,10 +230,16 @@ def _check_tensor_shapes(metadata: dict, tensors: dict[str, torch.Tensor], where
             raise AdapterFileError(f"{where}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
 
 
-def check_base(model: nn.Module, metadata: dict, config: AdapterConfig, *, strict: bool = True) -> dict[str, str]:
-    """Compare the base model with the adapter's fingerprint; returns {module: actual weight fingerprint}."""
+def check_base(
+    model: nn.Module, metadata: dict, config: AdapterConfig, *, strict: bool = True
+) -> dict[str, Fingerprint]:
+    """Compare the base model with the adapter's fingerprints; returns {module: fingerprint of the current weight}.
+
+    The same weights in another floating dtype give one warning; a restored base (merge + unmerge) passes; other
+    weights are refused (`strict=False`: a warning). Shapes must always match.
+    """
     named = dict(model.named_modules())
-    hashes = {}
+    current, different, other_dtype = {}, [], []
     for name, info in metadata["modules"].items():
         module = named.get(name)
         if module is None or not is_supported_layer(module):
@@ -202,21 +253,42 @@ def check_base(model: nn.Module, metadata: dict, config: AdapterConfig, *, stric
                 f"base module {name} is {shape[0]} -> {shape[1]} but the adapter expects {info['in']} -> {info['out']}; "
                 "load the adapter onto the base model it was trained on"
             )
-        actual = weight_fingerprint(module.weight)
-        hashes[name] = actual
-        if actual != info["base_fingerprint"]:
-            message = (
-                f"base module {name} has different weights than the adapter was trained on; "
-                "load it onto the same base model, or pass strict=False (CLI: --no-strict) to apply it anyway"
+        current[name] = Fingerprint.of(module.weight)
+        saved = info["base_fingerprint"]
+        if isinstance(saved, str):  # format version 1: an exact digest only
+            verdict = "same" if saved == current[name].digest else DIFFERENT
+            saved_dtype = info.get("base_dtype", current[name].dtype)
+        else:
+            saved_fingerprint = Fingerprint.from_json(saved)
+            verdict, _ = saved_fingerprint.compare(current[name])
+            saved_dtype = saved_fingerprint.dtype
+        if verdict == DIFFERENT:
+            different.append(name)
+        elif verdict == SAME_OTHER_DTYPE:
+            other_dtype.append((saved_dtype, current[name].dtype))
+    if different:
+        name = different[0]
+        qr = config.method == "mini" and config.mini_outer == "qr"
+        if strict:
+            raise BaseModelMismatchError(
+                f"base module {name} has different weights than the adapter was trained on "
+                f"({len(different)} of {len(current)} modules differ); load it onto the same base model, or pass "
+                "strict=False (CLI: --no-strict) to apply it anyway"
             )
-            if strict or (config.method == "mini" and config.mini_outer == "qr"):
-                if not strict:
-                    message = (
-                        f"base module {name} differs and mini_outer='qr' adapters derive from the exact base weight"
-                    )
-                raise BaseModelMismatchError(message)
-            warnings.warn(message, stacklevel=3)
-    return hashes
+        warnings.warn(
+            f"base module {name} has different weights than the adapter was trained on ({len(different)} of "
+            f"{len(current)} modules differ); applying it anyway"
+            + (" (mini_outer='qr': its outer matrices are recomputed from THIS base, so the update changes too)" if qr else ""),
+            stacklevel=3,
+        )
+    if other_dtype:
+        saved_dtype, now_dtype = other_dtype[0]
+        warnings.warn(
+            f"the adapter was trained on a {saved_dtype} base and this base is {now_dtype} (the same weights within "
+            f"{tolerance(saved_dtype, now_dtype):.1e} relative): outputs differ from training by that rounding",
+            stacklevel=3,
+        )
+    return current
 
 
 def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Module:
@@ -227,7 +299,7 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
     metadata, config, tensors = read_adapter(directory)
     if any(True for _ in adapter_layers(model)):
         raise ConfigError("the model already has adapters; load the adapter onto a fresh base model")
-    hashes = check_base(model, metadata, config, strict=strict)
+    fingerprints = check_base(model, metadata, config, strict=strict)
     layer_cls = METHODS[config.method]
     for name, info in metadata["modules"].items():
         expected = layer_cls.stored_shapes(config, info["in"], info["out"])
@@ -237,12 +309,11 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
             )
     exact = dataclasses.replace(config, targets=list(metadata["modules"]), exclude=None)
     try:
-        layers = build_layers(model, exact, initialize=False)
+        layers = build_layers(model, exact, initialize=False, fingerprints=fingerprints)
     except ConfigError as exc:
         raise AdapterFileError(f"adapter at {directory} cannot be applied: {exc}") from None
     install(model, layers)
     for name, layer in layers.items():
         layer.config = config
-        layer._fingerprint = hashes[name]
         layer.load_tensors({key: tensors[f"{name}.{key}"] for key in layer.stored})
     return model

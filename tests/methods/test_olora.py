@@ -1,10 +1,11 @@
-"""OLoRA specifics: factors and mutated base equal real PEFT's; the thin QR equals the full one; Conv1D."""
+"""OLoRA specifics: factors and effective base equal real PEFT's; the thin QR equals the full one; Conv1D; the base
+weight is never changed, so disabled() and unload() are exact in every dtype."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fresh_copy, model_output, tiny_gpt2, tiny_llama
+from conftest import fresh_copy, model_output, perturb_adapters, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit.methods.olora import olora_factors
@@ -17,7 +18,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("r", [1, 4, 16])
-def test_factors_and_mutated_base_equal_peft(r):
+def test_factors_and_effective_base_equal_peft(r):
     base = tiny_llama()
     ours = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(method="olora", r=r, alpha=2 * r))
     theirs = peft.get_peft_model(
@@ -29,7 +30,9 @@ def test_factors_and_mutated_base_equal_peft(r):
         peft_layer = theirs.base_model.model.get_submodule(name)
         assert rel_err(layer.A, peft_layer.lora_A["default"].weight) < 1e-5, name
         assert rel_err(layer.B, peft_layer.lora_B["default"].weight) < 1e-5, name
-        assert rel_err(layer.base_layer.weight, peft_layer.base_layer.weight) < 1e-5, name
+        # PEFT writes W - s·B0·A0 into the base; lorakit keeps W and subtracts s·B0·A0 in the adapter path
+        effective = layer.base_layer.weight - layer.scale * layer.B0 @ layer.A0
+        assert rel_err(effective, peft_layer.base_layer.weight) < 1e-5, name
         compared += 1
     assert compared == 14
 
@@ -54,15 +57,37 @@ def test_conv1d_factors_are_taken_in_linear_layout(inputs):
     torch.testing.assert_close(model_output(model, inputs), model_output(base, inputs), atol=1e-5, rtol=1e-5)
 
 
-def test_unload_undoes_the_mutation_unlike_peft_disable(inputs):
-    base = tiny_llama()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_base_is_never_mutated_so_disabled_and_unload_are_exact(dtype, inputs):
+    base = tiny_llama().to(dtype)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    expected = model_output(base, inputs)
     model = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(method="olora", r=4))
-    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
-    assert not torch.allclose(layer.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
+    perturb_adapters(model)
+    assert not torch.equal(model_output(model, inputs), expected)
+    with lorakit.disabled(model):
+        assert torch.equal(model_output(model, inputs), expected)
     lorakit.unload(model)
-    torch.testing.assert_close(
-        model.model.layers[0].self_attn.q_proj.weight,
-        base.model.layers[0].self_attn.q_proj.weight,
-        atol=1e-6,
-        rtol=0,
-    )
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model_output(model, inputs), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_unchanged_at_init_in_half_precision(dtype, inputs):
+    base = tiny_llama().to(dtype)
+    model = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(method="olora", r=4))
+    torch.testing.assert_close(model_output(model, inputs), model_output(base, inputs), atol=1e-5, rtol=0)
+
+
+def test_dropout_applies_to_the_trained_path_only(inputs):
+    """With dropout, W x − s·B0·A0·x + s·B·A·dropout(x): the frozen part sees x, like PEFT's mutated base."""
+    base = tiny_llama()
+    model = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(method="olora", r=4, dropout=0.5)).train()
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(3, 32)
+    torch.manual_seed(0)
+    got = layer(x)
+    torch.manual_seed(0)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    want = x @ (layer.base_layer.weight - layer.scale * layer.B0 @ layer.A0).T + layer.scale * dropped @ layer.A.T @ layer.B.T
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
