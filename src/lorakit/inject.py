@@ -11,8 +11,10 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import ConfigError
-from .layer import AdapterLayer, is_supported_layer, linear_shape
+from .layer import AdapterLayer, SharedParameters, is_supported_layer, linear_shape
 from .methods import METHODS
+
+SHARED = "lorakit_shared"  # the attribute of the model that owns a method's shared tensors (LoRTA)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -113,10 +115,33 @@ def build_layers(
     for name in names:
         layer_cls.check_layer(config, name, *linear_shape(model.get_submodule(name)))
     fingerprints = fingerprints or {}
+    shared = layer_cls.build_shared(model, config, names)
     return {
-        name: layer_cls(model.get_submodule(name), config, name, initialize=initialize, fingerprint=fingerprints.get(name))
+        name: layer_cls(
+            model.get_submodule(name),
+            config,
+            name,
+            initialize=initialize,
+            fingerprint=fingerprints.get(name),
+            shared=shared,
+        )
         for name in names
     }
+
+
+def shared_parameters(model: nn.Module) -> SharedParameters | None:
+    """The model's shared adapter tensors (registered by `install`), or None."""
+    shared = getattr(model, SHARED, None)
+    return shared if isinstance(shared, SharedParameters) else None
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every declared trained parameter of the adapters (each layer's and the shared ones), each once."""
+    params = [p for _, layer in adapter_layers(model) for p in layer.trainable_parameters().values()]
+    shared = shared_parameters(model)
+    if shared is not None:
+        params += list(shared.trainable_parameters().values())
+    return params
 
 
 def install(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
@@ -127,6 +152,16 @@ def install(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
         _set_module(model, name, layer)
         for param in layer.trainable_parameters().values():
             param.requires_grad_(True)
+    shared = next((layer.shared for layer in layers.values() if layer.shared is not None), None)
+    if shared is not None:
+        model.add_module(SHARED, shared)
+        for param in shared.trainable_parameters().values():
+            param.requires_grad_(True)
+
+
+def _remove_shared(model: nn.Module) -> None:
+    if shared_parameters(model) is not None:
+        delattr(model, SHARED)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -179,6 +214,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove the adapters and restore the original base weights; returns the (now plain) model."""
     for name, layer in _require_adapted(model):
         _set_module(model, name, layer.restore_base())
+    _remove_shared(model)
     return model
 
 
@@ -189,6 +225,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         merge(model)
     for name, layer in layers:
         _set_module(model, name, layer.base_layer)
+    _remove_shared(model)
     return model
 
 
@@ -224,6 +261,17 @@ def summary(model: nn.Module) -> Summary:
         )
         for name, layer in layers
     ]
+    shared = shared_parameters(model)
+    if shared is not None:
+        rows.append(
+            (
+                "(shared by all layers)",
+                0,
+                0,
+                layers[0][1].r,
+                sum(p.numel() for p in shared.trainable_parameters().values()),
+            )
+        )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return Summary(layers[0][1].method, trainable, total, rows)

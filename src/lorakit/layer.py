@@ -25,6 +25,7 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import ConfigError
 from .fingerprint import Fingerprint
+from .options import Option
 
 try:  # transformers is a dependency, but keep the layer importable without it
     from transformers.pytorch_utils import Conv1D
@@ -53,6 +54,7 @@ class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     trainable: ClassVar[tuple[str, ...]] = ()
     stored: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[dict[str, Option]] = {}  # the method's keys in AdapterConfig.extra
 
     def __init__(
         self,
@@ -62,8 +64,11 @@ class AdapterLayer(nn.Module):
         *,
         initialize: bool = True,
         fingerprint: Fingerprint | None = None,
+        shared: SharedParameters | None = None,
     ):
         super().__init__()
+        # a plain reference, not a submodule: the owner is registered once on the model (see `SharedParameters`)
+        object.__setattr__(self, "shared", shared)
         # Taken first, before anything (OLoRA, merge, FSDP sharding) could change or split the weight.
         self.base_fingerprint = fingerprint or Fingerprint.of(base_layer.weight)
         self.base_layer = base_layer
@@ -115,6 +120,14 @@ class AdapterLayer(nn.Module):
 
     def after_load(self) -> None:
         """Called after stored tensors were loaded from a file."""
+
+    @classmethod
+    def build_shared(cls, model: nn.Module, config: AdapterConfig, names: list[str]) -> SharedParameters | None:
+        """The model-wide tensors every layer of this method reads (LoRTA's CP factors), or None."""
+        return None
+
+    def option(self, key: str):
+        return self.config.option(key)
 
     # ----------------------------------------------------------------- the update, three views of it
     def add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -222,3 +235,27 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+
+
+class SharedParameters(nn.Module):
+    """Tensors shared by many adapter layers (one owner, many readers), like tied weights in transformers.
+
+    `lorakit.adapt` registers the owner once on the model as `model.lorakit_shared`, so `model.parameters()`,
+    `.to()`, DDP and FSDP see each tensor once; each layer holds a plain reference (`layer.shared`). A method that
+    needs one subclasses this, declares `trainable` / `stored` like a layer, and returns it from `build_shared`.
+    Files store its `stored` tensors once, under `lorakit_shared.<name>`.
+    """
+
+    trainable: ClassVar[tuple[str, ...]] = ()
+    stored: ClassVar[tuple[str, ...]] = ()
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: getattr(self, name) for name in self.trainable}
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.stored}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name in self.stored:
+                getattr(self, name).copy_(tensors[name])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -52,7 +54,7 @@ def export_peft(model: nn.Module, directory) -> Path:
     """Write the adapter as a PEFT LoRA adapter relative to the original base model; returns the directory."""
     layers = _require_adapted(model)
     config = layers[0][1].config
-    tensors, ranks = {}, set()
+    tensors, shapes = {}, {}
     for name, layer in layers:
         factors = layer.export_factors()
         if factors is None:
@@ -63,10 +65,12 @@ def export_peft(model: nn.Module, directory) -> Path:
         a, b = factors
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.to("cpu", torch.float32).contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.to("cpu", torch.float32).contiguous()
-        ranks.add(a.shape[0])
-    (rank,) = ranks  # every method gives one rank for all modules
-    scale = config.scale
-    alpha = scale * (math.sqrt(rank) if config.rslora else rank)
+        rank = a.shape[0]  # PEFT's scale is alpha/r (alpha/sqrt(r) with rsLoRA): choose alpha to give ours
+        shapes[name] = (rank, layer.scale * (math.sqrt(rank) if config.rslora else rank))
+    # the most common (rank, alpha) is the default; other modules (IncreLoRA, MoRA's sharing) get patterns
+    rank, alpha = Counter(shapes.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(n): r for n, (r, _) in shapes.items() if r != rank}
+    alpha_pattern = {re.escape(n): a for n, (_, a) in shapes.items() if a != alpha}
     fan_in_fan_out = {layer.fan_in_fan_out for _, layer in layers}
     names = [name for name, _ in layers]
     peft_config = {
@@ -83,8 +87,8 @@ def export_peft(model: nn.Module, directory) -> Path:
         "init_lora_weights": True,
         "use_dora": False,
         "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "inference_mode": True,
     }
     if len(fan_in_fan_out) > 1:

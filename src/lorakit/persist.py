@@ -38,7 +38,15 @@ from .atomic import prepare_directory, replace_file, write_bytes, write_json
 from .config import AdapterConfig
 from .errors import AdapterFileError, BaseModelMismatchError, ConfigError
 from .fingerprint import DIFFERENT, SAME_OTHER_DTYPE, Fingerprint, tolerance
-from .inject import _require_adapted, adapter_layers, build_layers, install
+from .inject import (
+    SHARED,
+    _require_adapted,
+    adapter_layers,
+    build_layers,
+    install,
+    shared_parameters,
+    trainable_parameters,
+)
 from .layer import is_supported_layer, linear_shape
 from .methods import METHODS
 
@@ -67,6 +75,11 @@ def save_adapter(model: nn.Module, directory) -> Path:
             "base_fingerprint": layer.base_fingerprint.to_json(),
             "tensors": {key: list(value.shape) for key, value in stored.items()},
         }
+    shared, shared_info = shared_parameters(model), None
+    if shared is not None:  # stored once, not per layer
+        stored = {key: value.detach().to("cpu").contiguous() for key, value in shared.stored_tensors().items()}
+        tensors.update({f"{SHARED}.{key}": value for key, value in stored.items()})
+        shared_info = {"tensors": {key: list(value.shape) for key, value in stored.items()}}
     blob = save_safetensors(tensors, metadata={"format": FORMAT})
     metadata = {
         "format": FORMAT,
@@ -75,11 +88,13 @@ def save_adapter(model: nn.Module, directory) -> Path:
         "method": config.method,
         "config": config.to_dict(),
         "base_model": _describe_base(model),
-        "trainable_parameters": sum(p.numel() for _, l in layers for p in l.trainable_parameters().values()),
+        "trainable_parameters": sum(p.numel() for p in trainable_parameters(model)),
         "tensors_file": TENSORS_FILE,
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         "modules": modules,
     }
+    if shared_info is not None:
+        metadata["shared"] = shared_info
     out = prepare_directory(directory)
     _finish_interrupted_save(out)
     write_bytes(out / PENDING_TENSORS_FILE, blob)
@@ -193,6 +208,13 @@ def validate_metadata(metadata, where) -> AdapterConfig:
         fail(f"'modules' must list 1 to {MAX_MODULES} modules")
     for name, info in modules.items():
         _validate_module(name, info, fail)
+    shared = metadata.get("shared")
+    if shared is not None:
+        if not isinstance(shared, dict) or not isinstance(shared.get("tensors"), dict):
+            fail("'shared' must be an object with 'tensors'")
+        for key, shape in shared["tensors"].items():
+            if not (isinstance(shape, list) and all(isinstance(d, int) and 0 < d <= MAX_DIM for d in shape)):
+                fail(f"shared tensor {key!r} has an invalid shape")
     return config
 
 
@@ -221,6 +243,8 @@ def _check_tensor_shapes(metadata: dict, tensors: dict[str, torch.Tensor], where
         for name, info in metadata["modules"].items()
         for key, shape in info["tensors"].items()
     }
+    for key, shape in (metadata.get("shared") or {}).get("tensors", {}).items():
+        expected[f"{SHARED}.{key}"] = tuple(shape)
     if set(expected) != set(tensors):
         missing = sorted(set(expected) - set(tensors))[:3]
         extra = sorted(set(tensors) - set(expected))[:3]
@@ -278,7 +302,11 @@ def check_base(
         warnings.warn(
             f"base module {name} has different weights than the adapter was trained on ({len(different)} of "
             f"{len(current)} modules differ); applying it anyway"
-            + (" (mini_outer='qr': its outer matrices are recomputed from THIS base, so the update changes too)" if qr else ""),
+            + (
+                " (mini_outer='qr': its outer matrices are recomputed from THIS base, so the update changes too)"
+                if qr
+                else ""
+            ),
             stacklevel=3,
         )
     if other_dtype:
@@ -312,7 +340,16 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
         layers = build_layers(model, exact, initialize=False, fingerprints=fingerprints)
     except ConfigError as exc:
         raise AdapterFileError(f"adapter at {directory} cannot be applied: {exc}") from None
+    shared = next((layer.shared for layer in layers.values() if layer.shared is not None), None)
+    saved_shared = (metadata.get("shared") or {}).get("tensors", {})
+    wanted = {} if shared is None else {key: tuple(value.shape) for key, value in shared.stored_tensors().items()}
+    if wanted != {key: tuple(shape) for key, shape in saved_shared.items()}:
+        raise AdapterFileError(
+            f"{directory}: shared tensors {saved_shared} do not fit the config {wanted}; save it again"
+        )
     install(model, layers)
+    if shared is not None:
+        shared.load_tensors({key: tensors[f"{SHARED}.{key}"] for key in shared.stored})
     for name, layer in layers.items():
         layer.config = config
         layer.load_tensors({key: tensors[f"{name}.{key}"] for key in layer.stored})
