@@ -99,6 +99,9 @@ def perturb_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
                 factor_scale = scale / (layer.in_features * layer.out_features) ** 0.25
             for param in layer.trainable_parameters().values():
                 param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * factor_scale)
+        shared = lorakit.inject.shared_parameters(model)  # LoRTA's model-wide factors
+        for param in (shared.trainable_parameters().values() if shared is not None else ()):
+            param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * scale)
 
 
 @pytest.fixture

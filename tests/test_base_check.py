@@ -13,7 +13,7 @@ import lorakit
 from lorakit.fingerprint import DIFFERENT, SAME, SAME_OTHER_DTYPE, Fingerprint, tolerance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECKED_VARIANTS = ["lora", "olora", "mini-orthonormal", "mini-qr"]
+CHECKED_VARIANTS = ["lora", "olora", "mini-orthonormal", "mini-qr", "loraxs"]  # loraxs: SVD recomputed on load
 
 
 def saved_adapter(tmp_path, variant="lora", dtype=torch.float32, base=None):

@@ -15,7 +15,7 @@ BAD_CONFIGS = [
     (dict(r=True), "r=True is invalid"),
     (dict(alpha=0), "alpha=0 is invalid"),
     (dict(alpha=-1.0), "alpha=-1.0 is invalid"),
-    (dict(method="dora"), "method='dora' is unknown; use one of: lora, mini, olora"),
+    (dict(method="dora"), "method='dora' is unknown; use one of: lora, loraxs, lorta, melora, mini, mora, olora, prolora"),
     (dict(init="xavier"), "init='xavier' is unknown"),
     (dict(dropout=1.0), "dropout=1.0 is invalid"),
     (dict(method="mini", mini_a=0), "mini_a=0 is invalid"),

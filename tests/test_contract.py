@@ -116,8 +116,10 @@ def test_trainable_counts(case):
         count = sum(p.numel() for p in layer.trainable_parameters().values())
         if config.method == "mini":
             assert count == config.r * (config.mini_a + config.mini_b), name
-        elif config.method in ("lora", "olora"):
+        elif config.method in ("lora", "olora", "melora"):
             assert count == config.r * (layer.in_features + layer.out_features), name
+        elif config.method == "loraxs":
+            assert count == config.r**2, name
         # the other methods check their own formulas in tests/methods/
     summary = lorakit.summary(model)
     assert summary.trainable == sum(row[-1] for row in summary.rows)

@@ -67,6 +67,11 @@ def test_only_unregenerable_tensors_are_stored(tmp_path):
     assert stored["lora"] == {"A", "B"}
     assert stored["olora"] == {"A", "B", "A0", "B0"}
     assert stored["mini-orthonormal"] == stored["mini-normal"] == stored["mini-qr"] == {"A_in", "B_in"}
+    assert stored["loraxs"] == {"R"}  # U, Σ, V are recomputed from the base
+    assert stored["melora"] == {"A", "B"}
+    assert stored["mora"] == {"M"}  # the gather indices and RoPE tables are rebuilt
+    assert stored["prolora"] == {"A0", "B0", "A_u", "B_u"}
+    assert stored["lorta"] == {"A", "B", "C_h", "C_kv", "C_l", "C_m"}  # once, under lorakit_shared
 
 
 def test_mini_file_is_ten_times_smaller_than_lora_at_width_512(tmp_path):

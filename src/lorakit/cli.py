@@ -11,6 +11,7 @@ import sys
 
 from . import __version__
 from .errors import LorakitError
+from .methods import METHODS
 from .models import DEFAULT_MODEL
 from .training.run_config import PRECISIONS, REPORTERS, SCHEDULES, TrainConfig
 
@@ -53,7 +54,7 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
         help="evaluation data (default: the eval split of stdlib-docstrings when training on it)",
     )
     if not compare:
-        p.add_argument("--method", default=d.method, help="lora, olora or mini")
+        p.add_argument("--method", default=d.method, help=f"one of: {', '.join(sorted(METHODS))}")
     p.add_argument("--rank", type=int, default=d.rank, help="adapter rank r (LoRA-Mini: inner rank)")
     p.add_argument(
         "--alpha", type=float, default=None, help="scale numerator; scale = alpha/rank (default alpha = rank)"
@@ -67,6 +68,13 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
     p.add_argument(
         "--mini-outer", default=d.mini_outer, help="LoRA-Mini frozen outer matrices: orthonormal, normal or qr"
     )
+    if not compare:
+        p.add_argument(
+            "--option",
+            action="append",
+            metavar="KEY=VALUE",
+            help="a method option, repeatable (melora: blocks=4; mora: kind=sharing; see README, The methods)",
+        )
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per process and micro-batch")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
@@ -87,7 +95,18 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
     p.add_argument(
         "--report-to", default=d.report_to, choices=REPORTERS, help="also log to TensorBoard (DIR/tensorboard)"
     )
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="mixed precision (through Accelerate)")
+    p.add_argument(
+        "--precision",
+        default=d.precision,
+        choices=PRECISIONS,
+        help="mixed precision (Accelerate autocast; with --fsdp: FSDP2 bf16 parameters, float32 reduction)",
+    )
+    if not compare:
+        p.add_argument(
+            "--fsdp",
+            action="store_true",
+            help="shard base and adapter over the processes with PyTorch FSDP2; launch with torchrun --nproc_per_node N",
+        )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if not compare:
         p.add_argument("--seed", type=int, default=d.seed, help="seed of data order and adapter init")
@@ -98,7 +117,7 @@ def build_parser() -> Parser:
     parser = Parser(
         prog="lorakit",
         formatter_class=Formatter,
-        description="Fine-tune language models with LoRA, OLoRA and LoRA-Mini; compare them side by side.",
+        description="Fine-tune language models with LoRA, OLoRA, LoRA-Mini and related methods; compare them side by side.",
     )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -166,17 +185,38 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # which flags were given explicitly (compare --demo fills in the others)
-    from . import commands
-
     try:
+        from . import commands
+
         _quiet_libraries()
         return getattr(commands, f"run_{args.command}")(args) or 0
     except LorakitError as exc:
-        print(f"lorakit: error: {exc}", file=sys.stderr)
+        print(f"lorakit: error: {_one_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("lorakit: interrupted; a run with --save-every continues with --resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug (or an unforeseen bad input): one line, the traceback on request
+        if os.environ.get("LORAKIT_DEBUG", "") not in ("", "0"):
+            raise
+        print(internal_error_line(exc), file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line, always
+    return text or type(exc).__name__
+
+
+def internal_error_line(exc: BaseException) -> str:
+    """What main() prints for an unexpected exception instead of a traceback."""
+    message = _one_line(exc)
+    if len(message) > 300:
+        message = message[:297] + "..."
+    return (
+        f"lorakit: internal error: {type(exc).__name__}: {message}; "
+        "re-run with LORAKIT_DEBUG=1 for the full traceback and report it"
+    )
 
 
 def _quiet_libraries() -> None:

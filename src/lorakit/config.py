@@ -27,7 +27,7 @@ class AdapterConfig:
     """Configuration of one adapter.
 
     Args:
-        method: "lora", "olora" or "mini" (any name in `lorakit.methods.METHODS`).
+        method: "lora", "olora", "mini", "loraxs", "melora", "prolora", "mora" or "lorta" (`lorakit.methods.METHODS`).
         r: rank of the low-rank update (the inner rank for LoRA-Mini).
         alpha: scale numerator; the update is scaled by alpha/r (alpha/sqrt(r) with `rslora`). Defaults to r.
         targets: "all-linear" (every nn.Linear / transformers Conv1D except the output head), a list of module-name

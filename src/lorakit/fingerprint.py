@@ -88,7 +88,7 @@ class Fingerprint:
         flat = weight.detach().reshape(-1)
         stride = max(1, flat.numel() // TOLERANCE_SAMPLES)
         samples = flat[::stride][:TOLERANCE_SAMPLES].to("cpu", torch.float32).contiguous()
-        norm = float(torch.linalg.vector_norm(flat, dtype=torch.float32))
+        norm = float(torch.linalg.vector_norm(flat, dtype=torch.promote_types(flat.dtype, torch.float32)))
         return cls(dtype_name(weight.dtype), tuple(weight.shape), weight_digest(weight), norm, samples)
 
     def to_json(self) -> dict:

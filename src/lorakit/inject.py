@@ -15,6 +15,7 @@ from .layer import AdapterLayer, SharedParameters, is_supported_layer, linear_sh
 from .methods import METHODS
 
 SHARED = "lorakit_shared"  # the attribute of the model that owns a method's shared tensors (LoRTA)
+SHARED_ROW = "(shared by all layers)"  # the summary row of those tensors
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -243,7 +244,7 @@ class Summary:
         pct = 100.0 * self.trainable / max(self.total, 1)
         lines.append(
             f"method={self.method}  trainable params: {self.trainable:,} / {self.total:,} ({pct:.4f}%)  "
-            f"in {len(self.rows)} modules"
+            f"in {sum(1 for row in self.rows if row[0] != SHARED_ROW)} modules"
         )
         return "\n".join(lines)
 
@@ -265,7 +266,7 @@ def summary(model: nn.Module) -> Summary:
     if shared is not None:
         rows.append(
             (
-                "(shared by all layers)",
+                SHARED_ROW,
                 0,
                 0,
                 layers[0][1].r,

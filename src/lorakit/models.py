@@ -67,17 +67,33 @@ def load_model(model_ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = Fals
 
 
 def _load_pretrained(ref: str, trust_remote_code: bool, dtype, hub: bool = False, **kwargs):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(ref, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
+    except SafetensorError as exc:  # a truncated or corrupt weights file
+        raise ModelLoadError(
+            f"model {ref!r}: a weights file is not readable safetensors ({_first_line(exc)[:200]}); "
+            "download or save the model again"
+        ) from None
+    except RuntimeError as exc:
+        if "mismatched_sizes" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise ModelLoadError(
+            f"model {ref!r}: the weights do not have the shapes its config.json describes; "
+            "use the config.json that belongs to these weights"
+        ) from None
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "the hub id could not be loaded (no network or unknown id)" if hub else "it could not be loaded"
-        raise ModelLoadError(f"model {ref!r}: {where}: {first}"[:400]) from None
+        raise ModelLoadError(f"model {ref!r}: {where}: {_first_line(exc)}"[:400]) from None
     _prepare_tokenizer(tokenizer)
     return model.eval(), tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _prepare_tokenizer(tokenizer) -> None:

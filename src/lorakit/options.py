@@ -70,22 +70,22 @@ def validate_options(method: str, declared: dict[str, Option], extra: dict) -> d
     """Return `extra` with every value cast to its declared type; ConfigError on anything else."""
     unknown = sorted(set(extra) - set(declared))
     if unknown:
-        known = ", ".join(sorted(declared)) if declared else "none"
-        raise ConfigError(f"option {unknown[0]!r} is unknown for method {method}; its options are: {known}")
+        known = f"its options are: {', '.join(sorted(declared))}" if declared else "it has no options"
+        raise ConfigError(f"option {unknown[0]!r} is unknown for method {method}; {known}")
     checked = {}
     for key, value in extra.items():
         option = declared[key]
         try:
             cast = _cast(option, key, value)
         except (TypeError, ValueError):
-            raise ConfigError(f"option {key}={value!r} of {method} is invalid; use {option.describe()}") from None
+            raise ConfigError(f"option {key}={value} of {method} is invalid; use {option.describe()}") from None
         invalid = (
             (option.choices is not None and cast not in option.choices)
             or (option.minimum is not None and cast < option.minimum)
             or (option.maximum is not None and cast > option.maximum)
         )
         if invalid:
-            raise ConfigError(f"option {key}={value!r} of {method} is invalid; use {option.describe()}")
+            raise ConfigError(f"option {key}={value} of {method} is invalid; use {option.describe()}")
         checked[key] = cast
     return checked
 

@@ -54,12 +54,38 @@ def build_files(root: Path) -> dict[str, str]:
     tensors = files["corrupt"] / "adapter.safetensors"
     tensors.write_bytes(bytes(b ^ 0xFF for b in tensors.read_bytes()))
     os.truncate(files["truncated"] / "adapter.safetensors", 1000)
-    for name, edit in (("nofields", lambda d: d.pop("modules")), ("newer", lambda d: d.update(format_version=2))):
+    for name, edit in (("nofields", lambda d: d.pop("modules")), ("newer", lambda d: d.update(format_version=3))):
         meta = json.loads((files[name] / "adapter.json").read_text())
         edit(meta)
         (files[name] / "adapter.json").write_text(json.dumps(meta))
     files["merged"] = Path(shutil.copytree(files["model"], root / "merged"))
     (files["merged"] / "lorakit_merged.json").write_text("{}")
+    # chat data, and models whose tokenizer has no chat template, one that refuses the messages, a broken one
+    files["chat"] = root / "chat.jsonl"
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    files["chat"].write_text(json.dumps(chat) + "\n")
+    files["notemplate"] = build_model_dir(root / "notemplate", chat_template=False)
+    templates = {
+        "refusing": '{{ raise_exception("roles must alternate user/assistant/user") }}',
+        "badtemplate": "{% for m in messages %",
+    }
+    for name, template in templates.items():
+        files[name] = Path(shutil.copytree(files["model"], root / name))
+        (files[name] / "chat_template.jinja").write_text(template)
+    # data files with the wrong types or encodings
+    files["binary"] = root / "binary.jsonl"
+    files["binary"].write_bytes(b"\xff\xfe\x00 not text\n")
+    files["extracsv"] = root / "extra.csv"
+    files["extracsv"].write_text("instruction,output\na,b,c\n")
+    files["listinput"] = root / "listinput.jsonl"
+    files["listinput"].write_text(json.dumps({"instruction": "a", "input": ["x"], "output": "b"}) + "\n")
+    # model directories with a truncated weights file, and with weights that do not fit config.json
+    files["badweights"] = Path(shutil.copytree(files["model"], root / "badweights"))
+    os.truncate(files["badweights"] / "model.safetensors", 100)
+    files["mismatched"] = Path(shutil.copytree(files["model"], root / "mismatched"))
+    config = json.loads((files["mismatched"] / "config.json").read_text())
+    config["intermediate_size"] += 16
+    (files["mismatched"] / "config.json").write_text(json.dumps(config))
     del torch
     return {k: str(v) for k, v in files.items()}
 

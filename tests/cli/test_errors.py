@@ -4,6 +4,9 @@ nothing written to --out."""
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 
 import pytest
 from error_cases import build_files, parse_doc, run_row
@@ -40,3 +43,45 @@ def test_bad_input(row, files, tmp_path):
     assert error_lines == [expected]
     assert not (tmp_path / "out").exists()
     assert _snapshot(files["outfile"]) == before
+
+
+def _crash(args):
+    raise RuntimeError("something broke\nover two lines")
+
+
+def test_an_internal_error_is_one_line_and_exit_1(monkeypatch, capsys):
+    from lorakit import cli, commands
+
+    monkeypatch.setattr(commands, "run_inspect", _crash)
+    monkeypatch.delenv("LORAKIT_DEBUG", raising=False)
+    assert cli.main(["inspect", "somewhere"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "lorakit: internal error: RuntimeError: something broke over two lines; "
+        "re-run with LORAKIT_DEBUG=1 for the full traceback and report it"
+    ]
+
+
+def test_lorakit_debug_lets_the_traceback_through(monkeypatch):
+    from lorakit import cli, commands
+
+    monkeypatch.setattr(commands, "run_inspect", _crash)
+    monkeypatch.setenv("LORAKIT_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="something broke"):
+        cli.main(["inspect", "somewhere"])
+
+
+def test_an_internal_error_in_a_real_process_prints_no_traceback():
+    code = (
+        "import sys, lorakit.commands as c\n"
+        "def boom(args): raise KeyError('model.layers.0')\n"
+        "c.run_inspect = boom\n"
+        "from lorakit.cli import main\n"
+        "sys.exit(main(['inspect', 'x']))\n"
+    )
+    env = {**os.environ, "LORAKIT_DEBUG": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "lorakit: internal error: KeyError: 'model.layers.0'; "
+        "re-run with LORAKIT_DEBUG=1 for the full traceback and report it"
+    )

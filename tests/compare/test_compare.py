@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+import statistics
 import subprocess
 import sys
 
@@ -142,7 +144,9 @@ def test_lr_sweep_keeps_the_best_rate(tiny_model_dir, instruction_file, tmp_path
     assert result.returncode == 0, result.stderr
     entry = json.loads((tmp_path / "s" / "results.json").read_text())["methods"]["lora"]
     assert set(entry["lr_sweep"]) == {"1e-05", "0.01"} and entry["lr"] == 0.01
-    assert "Learning-rate sweep" in (tmp_path / "s" / "report.md").read_text()
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "Learning-rate sweep" in report
+    assert "± 0" not in report  # one seed: the value alone, not a spread of zero
 
 
 @pytest.mark.parametrize(
@@ -181,3 +185,191 @@ def test_demo_fills_only_the_settings_not_given():
     _apply_demo(args)
     assert args.seeds == "1,2,3" and args.steps == 7
     assert args.methods == DEMO["methods"] and args.max_length == DEMO["max_length"]
+
+
+# ---- runs that do not finish: failed (a crash or a user error in the child) and diverged (non-finite loss) ----
+
+EXP_50 = f"{math.exp(50):.6g}"  # 5.18471e+21: what a clamped perplexity of a diverged run used to put in the mean
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"results.json holds {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def troubled(tiny_model_dir, instruction_file, tmp_path_factory):
+    """lora finishes; olora:r=64 fails in every child (rank larger than the 32-wide layers: a user error, exit 2);
+    lora:lr=1e30 diverges in every child."""
+    out = tmp_path_factory.mktemp("compare") / "troubled"
+    result = compare(tiny_model_dir, instruction_file, out, "--methods", "lora,olora:r=64,lora:lr=1e30", "--steps", "4")
+    return out, result
+
+
+def test_a_failed_run_is_reported_as_failed_and_compare_exits_non_zero(troubled):
+    out, result = troubled
+    assert result.returncode == 2, result.stderr  # every failure was a user error in the child
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("lorakit: error: 2 of 6 runs failed (first: olora:r=64 seed 1: --rank 64 is too large")
+    assert "Traceback" not in result.stderr
+    # the child's own message reached the user as it happened (stderr is teed, not swallowed)
+    assert "lorakit: error: --rank 64 is too large for olora" in result.stderr
+    results = _strict_json((out / "results.json").read_text())
+    olora = results["methods"]["olora:r=64"]
+    for run in olora["runs"].values():
+        assert run["status"] == "failed" and run["exit_code"] == 2 and not run["diverged"]
+        assert run["error"].startswith("--rank 64 is too large for olora on model.layers.0.self_attn.q_proj")
+        assert "\n" not in run["error"]
+    assert (olora["finished_runs"], olora["failed_runs"], olora["diverged_runs"]) == (0, 2, 0)
+    assert olora["mean"]["final_eval_loss"] is None and olora["trainable_parameters"] is None
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| olora:r=64 |"))
+    assert "(0 of 2 seeds; 2 failed)" in row
+    assert "- olora:r=64 seed 1: failed: --rank 64 is too large for olora" in report
+    assert "| lora |" in result.stdout  # the report was printed before the error
+
+
+def test_a_diverged_run_is_counted_and_left_out_of_the_statistics(troubled):
+    out, _ = troubled
+    results = _strict_json((out / "results.json").read_text())
+    diverged = results["methods"]["lora:lr=1e30"]
+    for run in diverged["runs"].values():
+        assert run["status"] == "diverged" and run["diverged"] and run["exit_code"] == 3
+        assert run["error"].startswith("non-finite loss") and run["steps_to_target"] is None
+    assert (diverged["finished_runs"], diverged["diverged_runs"], diverged["failed_runs"]) == (0, 2, 0)
+    assert all(value is None for value in diverged["mean"].values())
+    # the finished method's aggregates are its own runs' alone
+    lora = results["methods"]["lora"]
+    losses = [run["final_eval_loss"] for run in lora["runs"].values()]
+    assert lora["finished_runs"] == 2 and all(run["status"] == "ok" for run in lora["runs"].values())
+    assert lora["mean"]["final_eval_loss"] == pytest.approx(statistics.fmean(losses), rel=1e-12)
+    assert lora["std"]["final_eval_loss"] == pytest.approx(statistics.stdev(losses), rel=1e-12)
+    assert lora["mean"]["final_eval_perplexity"] == pytest.approx(statistics.fmean(map(math.exp, losses)), rel=1e-12)
+    assert results["target_loss"] == pytest.approx(lora["mean"]["final_eval_loss"], rel=1e-12)
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| lora:lr=1e30 |"))
+    assert "(0 of 2 seeds; 2 diverged)" in row
+    lora_row = next(line for line in report.splitlines() if line.startswith("| lora |"))
+    assert "±" in lora_row and "seeds;" not in lora_row
+    assert "- lora:lr=1e30 seed 2: diverged: non-finite loss" in report
+    for text in (report, (out / "results.json").read_text()):  # strict JSON above: no NaN / Infinity either
+        assert EXP_50 not in text and "e+21" not in text
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert not any(re.search(r"\b(inf|nan)\b", line) for line in table)
+    for name in ("loss.png", "params.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+
+
+def test_resume_redoes_failed_runs_and_skips_diverged_ones(troubled, tiny_model_dir, instruction_file):
+    out, _ = troubled
+    result = compare(tiny_model_dir, instruction_file, out, "--methods", "lora,olora:r=64,lora:lr=1e30", "--steps", "4")
+    assert result.returncode == 2
+    started = re.findall(r"^lorakit compare: (\S+) seed (\d+) lr", result.stdout, flags=re.MULTILINE)
+    assert started == [("olora:r=64", "1"), ("olora:r=64", "2")]
+    results = _strict_json((out / "results.json").read_text())
+    assert results["methods"]["lora:lr=1e30"]["diverged_runs"] == 2
+
+
+def _run(status="ok", loss=None, error=None, curve=((1, 4.0), (2, 3.5))):
+    run = {
+        "status": status,
+        "diverged": status == "diverged",
+        "train_curve": [list(point) for point in curve],
+        "eval_curve": [[0, 4.2]] + ([[2, loss]] if loss is not None else []),
+    }
+    if status == "ok":
+        run.update(
+            final_eval_loss=loss,
+            trainable_parameters=1000,
+            adapter_bytes=4000,
+            tokens_per_s=100.0,
+            wall_time_s=10.0,
+            peak_memory_bytes=2**30,
+        )
+    else:
+        run.update(error=error, exit_code={"diverged": 3, "failed": 1}[status])
+    return run
+
+
+def _results(methods: dict, seeds: list[int], target=None) -> dict:
+    from lorakit.compare.report import summarise
+
+    setting = dict(model="m", data="d", steps=2, batch_size=1, grad_accum=1, max_length=8, schedule="cosine", warmup=0)
+    methods, target = summarise(methods, target)
+    return {"setting": setting, "seeds": seeds, "has_eval": True, "target_loss": target, "methods": methods}
+
+
+def test_report_aggregation_leaves_out_diverged_and_failed_runs(tmp_path):
+    from lorakit.compare.plots import plot_loss, plot_params
+    from lorakit.compare.report import markdown
+
+    methods = {
+        "a": {
+            "method": "lora",
+            "lr": 1e-3,
+            "lr_sweep": None,
+            "runs": {
+                "1": _run(loss=3.29),
+                "2": _run(loss=3.31),
+                # a diverged run holds no summary: before, its loss counted as inf and its perplexity as exp(50)
+                "3": _run("diverged", error="non-finite loss (nan) at step 2; training stopped"),
+                "4": _run("failed", error="internal error: RuntimeError: boom; re-run with LORAKIT_DEBUG=1"),
+            },
+        },
+        "b": {
+            "method": "mini",
+            "lr": 1e-2,
+            "lr_sweep": None,
+            "runs": {
+                "1": _run(loss=3.5),
+                "2": _run(loss=float("inf")),
+                "3": _run("diverged", error="x"),
+                "4": _run(loss=3.7),
+            },
+        },
+        "c": {
+            "method": "olora",
+            "lr": 1.0,
+            "lr_sweep": None,
+            "runs": {str(s): _run("diverged", error="non-finite loss") for s in (1, 2, 3, 4)},
+        },
+    }
+    results = _results(methods, [1, 2, 3, 4])
+    a, b, c = (results["methods"][k] for k in "abc")
+    assert a["mean"]["final_eval_loss"] == pytest.approx(3.30)
+    assert a["std"]["final_eval_loss"] == pytest.approx(statistics.stdev([3.29, 3.31]))
+    assert a["mean"]["final_eval_perplexity"] == pytest.approx((math.exp(3.29) + math.exp(3.31)) / 2)
+    assert (a["finished_runs"], a["diverged_runs"], a["failed_runs"]) == (2, 1, 1)
+    # a run that finished with a non-finite loss counts as diverged, never as a number
+    assert b["runs"]["2"]["status"] == "diverged" and (b["finished_runs"], b["diverged_runs"]) == (2, 2)
+    assert b["mean"]["final_eval_loss"] == pytest.approx(3.6)
+    assert c["finished_runs"] == 0 and all(v is None for v in list(c["mean"].values()) + list(c["std"].values()))
+    assert results["target_loss"] == pytest.approx(3.6)  # the worst finished mean; c has none
+    assert a["runs"]["3"]["steps_to_target"] is None and a["runs"]["1"]["steps_to_target"] == 2
+    json.dumps(results, allow_nan=False)  # results.json holds no NaN / inf
+    report = markdown(results)
+    rows = {line.split(" | ")[0][2:]: line for line in report.splitlines() if line.startswith("| ") and " | " in line}
+    assert "| 3.300 ± 0.014 (2 of 4 seeds; 1 diverged, 1 failed) |" in rows["a"]
+    assert "| 3.600 ± 0.141 (2 of 4 seeds; 2 diverged) |" in rows["b"]
+    assert "| — (0 of 4 seeds; 4 diverged) |" in rows["c"]
+    assert "- a seed 4: failed: internal error: RuntimeError: boom" in report
+    assert "- a seed 3: diverged: non-finite loss (nan) at step 2" in report
+    assert "e+21" not in report
+    assert not any(re.search(r"\b(inf|nan)\b", row) for row in rows.values())  # (error messages may say "nan")
+    plot_loss(results, tmp_path / "loss.png")
+    plot_params(results, tmp_path / "params.png")
+    assert (tmp_path / "params.png").stat().st_size > 0
+
+
+def test_one_seed_reports_the_value_without_a_spread():
+    from lorakit.compare.report import markdown
+
+    results = _results({"lora": {"method": "lora", "lr": 1e-3, "lr_sweep": None, "runs": {"1": _run(loss=3.25)}}}, [1])
+    assert results["methods"]["lora"]["std"]["final_eval_loss"] is None
+    report = markdown(results)
+    row = next(line for line in report.splitlines() if line.startswith("| lora |"))
+    assert "| 3.250 |" in row and "±" not in row
+    assert "± 0.000" not in report and "no spread measured" in report

@@ -60,3 +60,46 @@ def test_regenerated_from_seed_and_name_independent_of_order():
     assert torch.equal(a.A_out, b.A_out) and torch.equal(a.B_out, b.B_out) and torch.equal(a.A_in, b.A_in)
     other = lorakit.adapt(tiny_llama(), mini("orthonormal", seed=8))
     assert not torch.equal(a.A_out, other.get_submodule("model.layers.1.self_attn.v_proj").A_out)
+
+
+REGENERATE = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads({threads})
+from conftest import tiny_llama
+from safetensors.torch import save_file
+import lorakit
+tensors = {{}}
+for outer in ("orthonormal", "normal"):
+    config = lorakit.AdapterConfig(method="mini", r=4, mini_a=8, mini_b=8, mini_outer=outer, seed=3)
+    for name, layer in lorakit.adapter_layers(lorakit.adapt(tiny_llama(), config)):
+        tensors[f"{{outer}}.{{name}}.A_out"] = layer.A_out.contiguous()
+        tensors[f"{{outer}}.{{name}}.B_out"] = layer.B_out.contiguous()
+save_file(tensors, {path!r})
+"""
+
+
+def test_outer_matrices_are_bit_identical_across_processes_and_thread_counts(tmp_path):
+    """The file does not store A_out / B_out: a loader in another process, with another thread count, must draw
+    exactly the same bits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tests = str(Path(__file__).parents[1])
+    drawn = {}
+    for threads in (1, 2):
+        path = tmp_path / f"threads-{threads}.safetensors"
+        script = REGENERATE.format(tests=tests, threads=threads, path=str(path))
+        subprocess.run([sys.executable, "-c", script], check=True)
+        drawn[threads] = load_file(str(path))
+    here = {}
+    for outer in ("orthonormal", "normal"):
+        config = lorakit.AdapterConfig(method="mini", r=4, mini_a=8, mini_b=8, mini_outer=outer, seed=3)
+        for name, layer in lorakit.adapter_layers(lorakit.adapt(tiny_llama(), config)):
+            here[f"{outer}.{name}.A_out"], here[f"{outer}.{name}.B_out"] = layer.A_out, layer.B_out
+    assert drawn[1].keys() == drawn[2].keys() == here.keys() and len(here) == 2 * 2 * 14  # 2 outer kinds x 14 modules x (A_out, B_out)
+    for key, value in here.items():
+        assert torch.equal(drawn[1][key], value) and torch.equal(drawn[2][key], value), key

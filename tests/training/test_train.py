@@ -112,7 +112,13 @@ def test_two_processes_equal_one_with_double_batch(tiny_model_dir, instruction_f
     single, ddp = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "ddp")
     assert max(b.abs().max().item() for k, b in single.items() if k.endswith(".B")) > 1e-2  # it really trained
     assert max_diff(single, ddp) <= 1e-4
-    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
+    summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("ddp", "one")}
+    assert summaries["ddp"]["processes"] == 2 and summaries["ddp"]["strategy"] == "ddp"
+    assert summaries["one"]["processes"] == 1 and summaries["one"]["strategy"] == "single"
+    assert len(summaries["ddp"]["peak_memory_bytes_per_process"]) == 2
+    assert len(summaries["one"]["peak_memory_bytes_per_process"]) == 1
+    total = summaries["ddp"]["base_parameters"]
+    assert summaries["ddp"]["base_parameters_per_process"] == [total, total]  # DDP: every process holds all
 
 
 def test_grad_accumulation_equals_a_bigger_batch(tiny_model_dir, instruction_file, tmp_path):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import status
+
 
 def _pyplot():
     import matplotlib
@@ -46,7 +48,7 @@ def plot_loss(results: dict, path: Path, log_scale: bool = False) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, (label, entry) in enumerate(results["methods"].items()):
         color = colors[index % len(colors)]
-        runs = [r for r in entry["runs"].values() if not r.get("diverged")]
+        runs = [r for r in entry["runs"].values() if status(r) == "ok"]  # diverged / failed runs: not drawn
         for axis, key, smooth in ((axes[0], "train_curve", True), (axes[1], "eval_curve", False)):
             band = _band([_smooth(r[key]) if smooth else r[key] for r in runs])
             if band is None:
@@ -83,9 +85,9 @@ def plot_params(results: dict, path: Path) -> None:
     for label, entry in results["methods"].items():
         mean, std = entry["mean"]["final_eval_loss"], entry["std"]["final_eval_loss"]
         params = entry.get("trainable_parameters")
-        if not params or math.isnan(mean):
+        if not params or mean is None or not math.isfinite(mean):  # no finished run
             continue
-        axis.errorbar([params], [mean], yerr=[std], fmt="o", capsize=4, label=label)
+        axis.errorbar([params], [mean], yerr=None if std is None else [std], fmt="o", capsize=4, label=label)
         axis.annotate(label, (params, mean), textcoords="offset points", xytext=(6, 6), fontsize=8)
     axis.set_xscale("log")
     axis.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())  # minor labels overlap on short ranges

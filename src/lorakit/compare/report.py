@@ -1,4 +1,10 @@
-"""Aggregate a comparison's runs into results.json and report.md (mean ± std over seeds)."""
+"""Aggregate a comparison's runs into results.json and report.md (mean ± std over seeds).
+
+Only finished runs (status "ok" with a finite final loss) enter the aggregates; diverged and failed runs are
+counted beside them ("3.302 ± 0.011 (2 of 3 seeds; 1 diverged)") and listed with their one-line error. A value
+measured on one run is printed as is, never as "± 0.000". Aggregates that have no data are null in results.json,
+so the file never holds NaN, inf or the exp(50) of a clamped perplexity.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,20 @@ import statistics
 
 from .runner import final_loss
 
+OUTCOMES = ("diverged", "failed")
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """(mean, sample std) of the finite values; std is None below two values, both are None without any."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
-        return math.nan, math.nan
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+        return None, None
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None
+
+
+def status(run: dict) -> str:
+    """ok, diverged or failed (results written before statuses existed only knew `diverged`)."""
+    return run.get("status") or ("diverged" if run.get("diverged") else "ok")
 
 
 def steps_to_target(outcome: dict, target: float) -> int | None:
@@ -28,40 +42,82 @@ def _smoothed(curve: list[list[float]], window: int = 5) -> list[list[float]]:
     return out
 
 
-def summarise(methods: dict, target: float | None) -> tuple[dict, float]:
+def _drop_non_finite(run: dict) -> None:
+    """null for non-finite numbers of a run, and no non-finite points in its curves (results.json stays JSON)."""
+    for key, value in run.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            run[key] = None
+    for key in ("train_curve", "eval_curve"):
+        run[key] = [point for point in run.get(key) or [] if math.isfinite(point[1])]
+
+
+def _perplexity(loss: float | None) -> float | None:
+    return math.exp(loss) if loss is not None and loss < 700 else None  # exp overflows a float above ~709
+
+
+def summarise(methods: dict, target: float | None) -> tuple[dict, float | None]:
     """Add per-method aggregates (and steps to the target loss) to `methods`; returns (methods, target used)."""
+    for entry in methods.values():
+        for run in entry["runs"].values():
+            run["status"] = status(run)
+            if run["status"] == "ok" and final_loss(run) is None:  # finished, but with a non-finite loss
+                run.update(status="diverged", error=run.get("error") or "non-finite final loss")
+            run["diverged"] = run["status"] == "diverged"
+            _drop_non_finite(run)
     if target is None:  # the loss every method reaches: the worst final mean loss
         finals = [mean_std([final_loss(r) for r in m["runs"].values()])[0] for m in methods.values()]
-        finite = [f for f in finals if math.isfinite(f)]
-        target = max(finite) if finite else math.nan
+        finite = [f for f in finals if f is not None]
+        target = max(finite) if finite else None
     for entry in methods.values():
         runs = list(entry["runs"].values())
+        ok = [r for r in runs if r["status"] == "ok"]
         for run in runs:
-            run["steps_to_target"] = steps_to_target(run, target) if math.isfinite(target) else None
+            reachable = run["status"] == "ok" and target is not None
+            run["steps_to_target"] = steps_to_target(run, target) if reachable else None
+        losses = [final_loss(r) for r in ok]
         fields = {
-            "final_eval_loss": [final_loss(r) for r in runs],
-            "final_eval_perplexity": [math.exp(min(final_loss(r), 50)) for r in runs],
-            "steps_to_target": [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None],
-            "tokens_per_s": [r.get("tokens_per_s") for r in runs],
-            "wall_time_s": [r.get("wall_time_s") for r in runs],
-            "peak_memory_bytes": [r.get("peak_memory_bytes") for r in runs],
+            "final_eval_loss": losses,
+            "final_eval_perplexity": [_perplexity(loss) for loss in losses],
+            "steps_to_target": [r["steps_to_target"] for r in ok if r["steps_to_target"] is not None],
+            "tokens_per_s": [r.get("tokens_per_s") for r in ok],
+            "wall_time_s": [r.get("wall_time_s") for r in ok],
+            "peak_memory_bytes": [r.get("peak_memory_bytes") for r in ok],
         }
         entry["mean"], entry["std"] = {}, {}
         for key, values in fields.items():
             entry["mean"][key], entry["std"][key] = mean_std(values)
-        entry["diverged_runs"] = sum(1 for r in runs if r.get("diverged"))
-        first = next((r for r in runs if not r.get("diverged")), {})
+        entry["finished_runs"] = len(ok)
+        entry["diverged_runs"] = sum(1 for r in runs if r["status"] == "diverged")
+        entry["failed_runs"] = sum(1 for r in runs if r["status"] == "failed")
+        first = ok[0] if ok else {}
         entry["trainable_parameters"] = first.get("trainable_parameters")
         entry["adapter_bytes"] = first.get("adapter_bytes")
     return methods, target
 
 
-def _fmt(mean: float, std: float, digits: int = 3) -> str:
-    return "—" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+def _fmt(mean: float | None, std: float | None, digits: int = 3) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _counted(entry: dict) -> str:
+    """ " (2 of 3 seeds; 1 diverged)" when some runs did not finish, else ""."""
+    total = len(entry["runs"])
+    if entry["finished_runs"] == total:
+        return ""
+    parts = [f"{entry[f'{kind}_runs']} {kind}" for kind in OUTCOMES if entry[f"{kind}_runs"]]
+    return f" ({entry['finished_runs']} of {total} seeds; {', '.join(parts)})"
+
+
+def _scalar(value: float | None, form: str) -> str:
+    return "—" if value is None else form.format(value)
 
 
 def markdown(results: dict) -> str:
     setting = results["setting"]
+    target = results["target_loss"]
+    spread = "Mean ± std over seeds" if len(results["seeds"]) > 1 else "One seed: single-run values, no spread measured"
     lines = [
         f"# lorakit compare: {setting['model']} on {setting['data']}",
         "",
@@ -69,27 +125,40 @@ def markdown(results: dict) -> str:
         f"max length {setting['max_length']}, {setting['schedule']} schedule with {setting['warmup']} warm-up steps, "
         f"seeds {', '.join(map(str, results['seeds']))}; same data order and schedule for every method. "
         f"Loss = {'eval' if results['has_eval'] else 'train (mean of the last 10%)'} loss; "
-        f"target loss for 'steps to target': {results['target_loss']:.3f}. Mean ± std over seeds.",
+        f"target loss for 'steps to target': {_scalar(target, '{:.3f}')}. {spread}; diverged and failed runs "
+        "are left out of the statistics and counted beside them.",
         "",
         "| method | lr | trainable params | adapter file | final loss | perplexity | steps to target | tokens/s | wall time | peak memory |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    unfinished = []
     for label, entry in results["methods"].items():
         mean, std = entry["mean"], entry["std"]
         lr = f"{entry['lr']:g}" + (" (swept)" if entry.get("lr_sweep") else "")
-        diverged = f" ({entry['diverged_runs']} diverged)" if entry["diverged_runs"] else ""
         reached = len([r for r in entry["runs"].values() if r.get("steps_to_target") is not None])
+        params = _scalar(entry["trainable_parameters"], "{:,}")
+        size = _scalar(entry["adapter_bytes"] and entry["adapter_bytes"] / 1e6, "{:.2f} MB")
+        memory = _scalar(mean["peak_memory_bytes"] and mean["peak_memory_bytes"] / 2**30, "{:.2f} GiB")
         lines.append(
-            f"| {label} | {lr} | {entry['trainable_parameters'] or 0:,} | {(entry['adapter_bytes'] or 0) / 1e6:.2f} MB | "
-            f"{_fmt(mean['final_eval_loss'], std['final_eval_loss'])}{diverged} | {_fmt(mean['final_eval_perplexity'], std['final_eval_perplexity'], 2)} | "
+            f"| {label} | {lr} | {params} | {size} | "
+            f"{_fmt(mean['final_eval_loss'], std['final_eval_loss'])}{_counted(entry)} | "
+            f"{_fmt(mean['final_eval_perplexity'], std['final_eval_perplexity'], 2)} | "
             f"{_fmt(mean['steps_to_target'], std['steps_to_target'], 0)} ({reached}/{len(entry['runs'])}) | "
-            f"{mean['tokens_per_s']:.0f} | {mean['wall_time_s']:.0f} s | {mean['peak_memory_bytes'] / 2**30:.2f} GiB |"
+            f"{_scalar(mean['tokens_per_s'], '{:.0f}')} | {_scalar(mean['wall_time_s'], '{:.0f} s')} | {memory} |"
         )
+        unfinished += [
+            f"- {label} seed {seed}: {run['status']}: {run.get('error') or 'no message'}"
+            for seed, run in entry["runs"].items()
+            if run["status"] != "ok"
+        ]
+    if unfinished:
+        lines += ["", "Runs that did not finish (left out of the statistics):", "", *unfinished]
     sweeps = {label: e["lr_sweep"] for label, e in results["methods"].items() if e.get("lr_sweep")}
     if sweeps:
         lines += ["", "Learning-rate sweep (final loss of a short run per rate, first seed):", ""]
         lines += [
-            f"- {label}: " + ", ".join(f"lr {lr}: {loss:.3f}" for lr, loss in sweep.items())
+            f"- {label}: "
+            + ", ".join(f"lr {lr}: {loss if isinstance(loss, str) else f'{loss:.3f}'}" for lr, loss in sweep.items())
             for label, sweep in sweeps.items()
         ]
     lines += ["", "![loss](loss.png)", "", "![params](params.png)", ""]

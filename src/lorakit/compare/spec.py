@@ -68,9 +68,14 @@ def parse_methods(text: str) -> list[MethodSpec]:
 def _apply(spec: MethodSpec, options: str) -> None:
     for option in filter(None, options.split(":")):
         key, eq, value = option.partition("=")
+        method_options = METHODS[spec.method].options  # the method's own (melora:blocks=4), checked when validated
+        if eq and key in method_options and key not in OPTIONS:
+            spec.overrides.setdefault("option", []).append(f"{key}={value}")
+            continue
         if not eq or key not in OPTIONS:
+            keys = ", ".join([*OPTIONS, *method_options])
             raise ConfigError(
-                f"--methods: option {option!r} of {spec.method} is unknown; use key=value with keys {', '.join(OPTIONS)}"
+                f"--methods: option {option!r} of {spec.method} is unknown; use key=value with keys {keys}"
             )
         name, cast = OPTIONS[key]
         try:

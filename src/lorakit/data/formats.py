@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import DataError
+from ..errors import DataError, ModelLoadError
 
 IGNORE = -100
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -19,7 +19,8 @@ def detect_format(records: list[dict], source: str) -> str:
         fmt, required = "text", ("text",)
     else:
         raise DataError(
-            f"{source}: records have fields {sorted(first)[:6]}; expected 'text', 'instruction' + 'output', or 'messages'"
+            f"{source}: records have fields {sorted(map(str, first))[:6]}; expected 'text', 'instruction' + 'output', "
+            "or 'messages'"
         )
     for number, record in enumerate(records, 1):
         for field in required:
@@ -28,6 +29,11 @@ def detect_format(records: list[dict], source: str) -> str:
                 raise DataError(
                     f"{source}: record {number} lacks a text field {field!r} ({fmt} data needs {', '.join(required)})"
                 )
+        if fmt == "instruction" and record.get("input") is not None and not isinstance(record["input"], str):
+            raise DataError(
+                f"{source}: record {number} field 'input' is a {type(record['input']).__name__}, not text; "
+                "make it a string (or leave it out)"
+            )
         if fmt == "chat":
             _check_messages(record["messages"], source, number)
     return fmt
@@ -54,7 +60,29 @@ def instruction_prompt(record: dict) -> str:
     return record["instruction"] + (f"\n\n{extra}" if extra else "")
 
 
-def render(record: dict, fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+def apply_chat_template(tokenizer, messages: list[dict], where: str, **kwargs) -> str:
+    """The tokenizer's chat template applied to `messages`; a one-line error if the template is broken or refuses
+    the messages (templates may raise, e.g. when roles do not alternate)."""
+    try:
+        from jinja2 import TemplateError, TemplateSyntaxError
+    except ImportError:  # pragma: no cover - transformers needs jinja2 for chat templates
+        TemplateError = TemplateSyntaxError = ()
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateSyntaxError as exc:
+        raise ModelLoadError(
+            f"the tokenizer's chat template is not a valid Jinja template ({exc.message}); fix chat_template in the "
+            "model's tokenizer files or use a model with a working template"
+        ) from None
+    except TemplateError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{where}: the tokenizer's chat template refuses the messages ({message[:200]}); "
+            "adapt the messages to what the template accepts, or use instruction/text data"
+        ) from None
+
+
+def render(record: dict, fmt: str, tokenizer, where: str = "data") -> tuple[str, list[tuple[int, int]]]:
     """(full text, character spans that are trained on) for one instruction or chat record."""
     if fmt == "instruction":
         if tokenizer.chat_template:
@@ -62,22 +90,22 @@ def render(record: dict, fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]
                 {"role": "user", "content": instruction_prompt(record)},
                 {"role": "assistant", "content": record["output"]},
             ]
-            return _render_chat(messages, tokenizer)
+            return _render_chat(messages, tokenizer, where)
         template = PLAIN_PROMPT_WITH_INPUT if record.get("input") else PLAIN_PROMPT
         prompt = template.format(instruction=record["instruction"], input=record.get("input") or "")
         response = record["output"] + (tokenizer.eos_token or "")
         return prompt + response, [(len(prompt), len(prompt) + len(response))]
-    return _render_chat(record["messages"], tokenizer)
+    return _render_chat(record["messages"], tokenizer, where)
 
 
-def _render_chat(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+def _render_chat(messages: list[dict], tokenizer, where: str) -> tuple[str, list[tuple[int, int]]]:
+    full = apply_chat_template(tokenizer, messages, where)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = apply_chat_template(tokenizer, messages[:i], where, add_generation_prompt=True) if i else ""
+        through = apply_chat_template(tokenizer, messages[: i + 1], where)
         if not (full.startswith(before) and full.startswith(through.rstrip("\n"))):
             raise DataError("the tokenizer's chat template renders turns differently in context; use instruction data")
         spans.append((len(before), len(through.rstrip("\n"))))
@@ -87,9 +115,14 @@ def _render_chat(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, 
 def tokenize_records(records: list[dict], fmt: str, tokenizer, max_length: int, source: str) -> list[dict]:
     if fmt == "text":
         return _pack_text(records, tokenizer, max_length, source)
+    if fmt == "chat" and not tokenizer.chat_template:
+        raise DataError(
+            f"{source} holds chat data ('messages') but the model's tokenizer has no chat template; "
+            "use a tokenizer with one (e.g. an -Instruct model) or instruction/text data"
+        )
     examples = []
-    for record in records:
-        text, spans = render(record, fmt, tokenizer)
+    for number, record in enumerate(records, 1):
+        text, spans = render(record, fmt, tokenizer, f"{source}: record {number}")
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = encoded["input_ids"]
         labels = [

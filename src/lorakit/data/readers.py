@@ -20,12 +20,17 @@ def read_records(source: str, *, split: str = "train") -> list[dict]:
         return stdlib_docstrings.load(split)
     path = Path(source).expanduser()
     if path.suffix.lower() in DATA_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise DataError(f"data {path} is a directory; pass a data file ({', '.join(DATA_SUFFIXES)})")
         if not path.is_file():
             raise DataError(f"data file {path} not found; check the path (formats: {', '.join(DATA_SUFFIXES)})")
         reader = READERS.get(path.suffix.lower())
         if reader is None:
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
-        records = reader(path)
+        try:
+            records = reader(path)
+        except OSError as exc:  # permissions, a file that vanished, an I/O error
+            raise DataError(f"data file {path} cannot be read ({exc.strerror or exc}); check the file") from None
         if not records:
             raise DataError(f"{path} holds no records; add examples to it")
         return records
@@ -37,20 +42,21 @@ def read_records(source: str, *, split: str = "train") -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8 JSON Lines (one JSON object per line)") from None
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {number} is not valid JSON ({exc.msg}); fix or remove that line"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object; each line must be one record")
-            records.append(record)
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object; each line must be one record")
+        records.append(record)
     return records
 
 
@@ -71,7 +77,16 @@ def _read_json(path: Path) -> list[dict]:
 def _read_csv(path: Path) -> list[dict]:
     try:
         with path.open(encoding="utf-8", newline="") as handle:
-            return [dict(row) for row in csv.DictReader(handle)]
+            reader = csv.DictReader(handle)
+            rows = []
+            for row in reader:
+                if None in row:  # more cells than the header names
+                    raise DataError(
+                        f"{path}: line {reader.line_num} has more fields than the header ({len(reader.fieldnames)}); "
+                        "fix that line or quote fields that hold commas"
+                    )
+                rows.append(dict(row))
+            return rows
     except (csv.Error, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV file ({exc}); fix the file") from None
 

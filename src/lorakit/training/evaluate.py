@@ -46,8 +46,10 @@ def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 64)
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     """Greedy completion of a user prompt (through the chat template when the tokenizer has one)."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        from ..data.formats import apply_chat_template
+
+        text = apply_chat_template(
+            tokenizer, [{"role": "user", "content": prompt}], "--prompt", add_generation_prompt=True
         )
     else:
         text = f"### Instruction:\n{prompt}\n\n### Response:\n"

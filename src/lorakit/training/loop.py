@@ -1,13 +1,13 @@
-"""The training run, on Accelerate (devices, DDP / FSDP processes, mixed precision).
+"""The training run: one process, DDP on Accelerate (devices, mixed precision), or FSDP2 with `--fsdp`.
 
 Loss is the mean next-token cross-entropy over the labelled tokens of the whole global batch (all processes and
 accumulation micro-batches), so 2 processes × batch B train exactly like 1 process × batch 2B and gradient
-accumulation is exact. Checkpoints hold the adapter, optimizer, scheduler, RNG and step, never the frozen base.
+accumulation is exact. Checkpoints hold the adapter, optimizer, scheduler, every process's RNG and the step, never
+the frozen base. How processes share the work is in `distributed.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -20,14 +20,18 @@ import torch
 from .. import __version__
 from ..atomic import prepare_directory, write_json
 from ..data import load_examples, read_records
+from ..data.formats import IGNORE
 from ..data.stdlib_docstrings import NAME as DEFAULT_DATA
 from ..errors import ConfigError, LorakitError
 from ..inject import adapt, adapter_layers
 from ..models import load_model
 from ..persist import load_adapter, save_adapter
+from . import rng as train_rng
 from .batches import collate, global_batch, micro_batch, token_loss_sum, trained_tokens
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from .distributed import local_base_elements, make_runtime
 from .evaluate import evaluate_loss
+from .rng import seed_process
 from .run_config import TrainConfig, flags_in_message
 
 SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -36,7 +40,7 @@ SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant
 class TrainingDiverged(LorakitError):
     """The loss became non-finite; the run stopped and kept its last good checkpoint."""
 
-    exit_code = 1
+    exit_code = 3  # its own code: `lorakit compare` tells a diverged run (a result) from a failed one
 
 
 class RunLog:
@@ -106,19 +110,33 @@ def _peak_memory_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _pad_for_processes(examples: list[dict], processes: int) -> list[dict]:
+    """Under FSDP every process must run the same number of forward passes (each one gathers parameters): pad the
+    eval set to a multiple of `processes` with copies whose labels are all ignored (no loss, no tokens)."""
+    missing = -len(examples) % processes
+    filler = {"input_ids": examples[0]["input_ids"], "labels": [IGNORE] * len(examples[0]["input_ids"])}
+    return examples + [filler] * missing
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run a fine-tune as configured; returns the summary also written to DIR/summary.json."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
     cfg.validate()
     out = Path(cfg.out)
     resume_from = _prepare_run_dir(cfg, out)
-    # cpu=True lets Accelerate run data-parallel over gloo when there is no GPU (torchrun on CPU)
-    accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    torch.manual_seed(cfg.seed)
+    runtime = make_runtime(cfg.precision, cfg.fsdp)
+    try:
+        return _train(cfg, out, resume_from, runtime)
+    finally:
+        runtime.close()
+
+
+def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> dict:
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    main = runtime.is_main_process
+    world, rank = runtime.num_processes, runtime.process_index
+    torch.manual_seed(cfg.seed)  # the same on every process while the model is built
     for source in filter(None, (cfg.data, cfg.eval_data)):
         read_records(source)  # fail fast on a missing or broken file, before the model loads
     base, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -130,11 +148,16 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.eval_limit:
             eval_examples = eval_examples[: cfg.eval_limit]
     try:
+        # On the whole model, before any sharding: OLoRA and LoRA-Mini "qr" factor full weights, and the base
+        # fingerprints (taken when the adapter layers are built) are those of full weights.
         model = load_adapter(base, resume_from) if resume_from else adapt(base, cfg.adapter_config())
     except ConfigError as exc:
         raise ConfigError(flags_in_message(str(exc))) from None
     layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:
+        layer.base_fingerprint  # noqa: B018 - make sure it is taken from the full weight, before sharding
     trainable = sum(p.numel() for layer in layers for p in layer.trainable_parameters().values())
+    base_parameters = sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
     if main:
         prepare_directory(out)
@@ -150,20 +173,24 @@ def train(cfg: TrainConfig) -> dict:
                     "trainable_parameters": trainable,
                 },
             )
-    accelerator.wait_for_everyone()
+    runtime.wait_for_everyone()
 
+    model = runtime.shard(model)  # FSDP: parameters become DTensor shards; otherwise unchanged
+    if eval_examples and runtime.strategy == "fsdp":
+        eval_examples = _pad_for_processes(eval_examples, world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
         SCHEDULER_NAMES[cfg.schedule], optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps
     )
+    # Dropout masks: every process its own stream (seeded from seed and rank), restored per process on resume.
+    seed_process(cfg.seed, rank)
     start_step, elapsed_before = 0, 0.0
     if resume_from:
-        state = load_checkpoint(resume_from, optimizer, scheduler)
+        state = load_checkpoint(resume_from, optimizer, scheduler, rank=rank, processes=world)
         start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
+    model, optimizer = runtime.prepare(model, optimizer)
+    device = runtime.device
     global_size = cfg.batch_size * world * cfg.grad_accum
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     log = RunLog(out, start_step, cfg.report_to == "tensorboard", main)
@@ -179,7 +206,7 @@ def train(cfg: TrainConfig) -> dict:
     last_checkpoint = checkpoint_dirs(out)[-1] if checkpoint_dirs(out) else None
     record: dict = {}
     if eval_examples and cfg.eval_every and start_step == 0:  # where every method starts from
-        log.write({"step": 0, **evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device, accelerator)})
+        log.write({"step": 0, **evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device, runtime)})
     try:
         for step in range(start_step, cfg.steps):
             step_start = time.perf_counter()
@@ -190,14 +217,13 @@ def train(cfg: TrainConfig) -> dict:
             for k in range(cfg.grad_accum):
                 chosen = micro_batch(indices, k, rank, cfg.batch_size, world)
                 batch = {key: v.to(device) for key, v in collate([examples[i] for i in chosen], pad_id).items()}
-                sync = contextlib.nullcontext() if k == cfg.grad_accum - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
+                with runtime.gradient_sync(model, k == cfg.grad_accum - 1), runtime.autocast():
                     loss = token_loss_sum(model, batch)
-                    # DDP averages gradients over processes: scale by `world` so the result is the global mean
-                    accelerator.backward(loss * (world / max(global_tokens, 1)))
+                    # DDP and FSDP average gradients over processes: scale by `world` so the result is the global mean
+                    runtime.backward(loss * (world / max(global_tokens, 1)))
                 loss_sum += loss.detach().double()
             if world > 1:
-                loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+                loss_sum = runtime.reduce(loss_sum, reduction="sum")
             step_loss = (loss_sum / max(global_tokens, 1)).item()
             if not math.isfinite(step_loss):
                 where = (
@@ -223,31 +249,28 @@ def train(cfg: TrainConfig) -> dict:
             }
             is_last = step + 1 == cfg.steps
             if eval_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or is_last):
-                record.update(evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device, accelerator))
+                record.update(evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device, runtime))
             log.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and not is_last:
-                accelerator.wait_for_everyone()
-                if main:
-                    last_checkpoint = save_checkpoint(
-                        out,
-                        accelerator.unwrap_model(model),
-                        optimizer,
-                        scheduler,
-                        step + 1,
-                        {"elapsed_s": record["elapsed_s"]},
-                        cfg.keep_checkpoints,
-                    )
-                accelerator.wait_for_everyone()
+                saved = _save_checkpoint(
+                    runtime, out, model, optimizer, scheduler, step + 1, {"elapsed_s": record["elapsed_s"]}, cfg
+                )
+                last_checkpoint = saved or last_checkpoint
     finally:
         bar.close()
         log.close()
     wall = elapsed_before + time.perf_counter() - started
-    accelerator.wait_for_everyone()
+    runtime.wait_for_everyone()
+    peaks = runtime.gather_object(_peak_memory_bytes(device))
+    runtime.reshard(model)
+    local_base = runtime.gather_object(local_base_elements(model))
     summary = {}
+    with runtime.full_adapter(model) as full:  # a collective under FSDP: every process gathers, process 0 writes
+        if main:
+            adapter_dir = save_adapter(full, out / "adapter")
     if main:
-        adapter_dir = save_adapter(accelerator.unwrap_model(model), out / "adapter")
         summary = {
             "method": cfg.method,
             "rank": cfg.rank,
@@ -260,9 +283,37 @@ def train(cfg: TrainConfig) -> dict:
             "adapter_bytes": (adapter_dir / "adapter.safetensors").stat().st_size,
             "wall_time_s": wall,
             "tokens_per_s": tokens_total / max(time.perf_counter() - started, 1e-9),
-            "peak_memory_bytes": _peak_memory_bytes(device),
+            "peak_memory_bytes": peaks[0],
+            "peak_memory_bytes_per_process": peaks,
             "processes": world,
+            "strategy": runtime.strategy,
+            "precision": runtime.precision_details,
+            "base_parameters": base_parameters,
+            "base_parameters_per_process": local_base,
         }
         write_json(out / "summary.json", summary)
-    accelerator.wait_for_everyone()
+    runtime.wait_for_everyone()
     return summary
+
+
+def _save_checkpoint(runtime, out, model, optimizer, scheduler, step, extra, cfg) -> Path | None:
+    """Every process takes part (RNG states and, under FSDP, full tensors are gathered); process 0 writes."""
+    runtime.wait_for_everyone()
+    rng_states = runtime.gather_object(train_rng.capture())
+    optimizer_state = runtime.optimizer_state(optimizer)
+    saved = None
+    with runtime.full_adapter(model) as full:
+        if runtime.is_main_process:
+            saved = save_checkpoint(
+                out,
+                full,
+                optimizer,
+                scheduler,
+                step,
+                extra,
+                cfg.keep_checkpoints,
+                rng_states=rng_states,
+                optimizer_state=optimizer_state,
+            )
+    runtime.wait_for_everyone()
+    return saved

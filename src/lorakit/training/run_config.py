@@ -14,6 +14,7 @@ from ..config import AdapterConfig
 from ..data.stdlib_docstrings import NAME as DEFAULT_DATA
 from ..errors import ConfigError
 from ..models import DEFAULT_MODEL
+from ..options import parse_option_strings
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -38,6 +39,7 @@ class TrainConfig:
     mini_a: int = 32
     mini_b: int = 32
     mini_outer: str = "orthonormal"
+    option: list[str] | None = None  # method options, "key=value" each (CLI: --option key=value, repeatable)
     steps: int = 100
     batch_size: int = 4
     lr: float = 3e-4
@@ -54,6 +56,7 @@ class TrainConfig:
     resume: bool = False
     report_to: str = "none"
     precision: str = "no"
+    fsdp: bool = False
     trust_remote_code: bool = False
     quiet: bool = False
 
@@ -82,6 +85,8 @@ class TrainConfig:
                 raise ConfigError(
                     f"{_flag(field)} {getattr(self, field)!r} is unknown; use one of: {', '.join(choices)}"
                 )
+        if self.fsdp and self.precision == "fp16":
+            raise ConfigError("--precision fp16 is not supported with --fsdp; use --precision bf16")
         self.adapter_config()
         check_writable(Path(self.out))
 
@@ -99,6 +104,7 @@ class TrainConfig:
                 mini_a=self.mini_a,
                 mini_b=self.mini_b,
                 mini_outer=self.mini_outer,
+                extra=parse_option_strings(self.option),
             )
         except ConfigError as exc:
             raise ConfigError(flags_in_message(str(exc))) from None
@@ -108,6 +114,9 @@ class TrainConfig:
         argv = []
         for key, value in dataclasses.asdict(self).items():
             if value is None or value is False:
+                continue
+            if isinstance(value, list):  # a repeatable flag
+                argv += [part for item in value for part in (_flag(key), str(item))]
                 continue
             argv += [_flag(key)] if value is True else [_flag(key), str(value)]
         return argv
@@ -146,6 +155,8 @@ FLAG_NAMES = {
 
 def flags_in_message(message: str) -> str:
     """Name config fields as the CLI flags the user typed: "r=0 is invalid" -> "--rank 0 is invalid"."""
+    message = re.sub(r"^option (\S+) is unknown for method ", r"--option \1 is unknown for --method ", message)
+    message = re.sub(r"^option (\S+) of (\w+) is invalid", r"--option \1 of --method \2 is invalid", message)
     for field, flag in FLAG_NAMES.items():
         message = re.sub(rf"(?<![\w-]){field}=", f"{flag} ", message)
         message = re.sub(rf"(?<=use ){field} <=", f"{flag} <=", message)
