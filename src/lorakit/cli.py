@@ -13,7 +13,7 @@ from . import __version__
 from .errors import LorakitError
 from .methods import METHODS
 from .models import DEFAULT_MODEL
-from .training.run_config import PRECISIONS, REPORTERS, SCHEDULES, TrainConfig
+from .training.run_config import OPTIMIZERS, PRECISIONS, REPORTERS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -74,6 +74,16 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
             action="append",
             metavar="KEY=VALUE",
             help="a method option, repeatable (melora: blocks=4; mora: kind=sharing; see README, The methods)",
+        )
+    if not compare:
+        p.add_argument(
+            "--procedure",
+            default=None,
+            metavar="NAME[:key=value,...]",
+            help="a training procedure: flat (Flat-LoRA, e.g. flat:rho=0.05); see README, Training procedures",
+        )
+        p.add_argument(
+            "--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="adamw, or rite (LoRA-RITE, lorakit.optim)"
         )
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per process and micro-batch")

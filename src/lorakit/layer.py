@@ -81,6 +81,7 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.merged = False
         self.disabled = False
+        self.weight_noise: torch.Tensor | None = None  # Flat-LoRA's ε (nn.Linear layout) during a training step
         weight = base_layer.weight
         # Trained factors live in float32 under half-precision bases (their updates are too small for fp16/bf16).
         self.factor_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -194,8 +195,16 @@ class AdapterLayer(nn.Module):
             return fused.view(out.shape)
         return out + (low @ (b.T * scale)).to(out.dtype)
 
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer's output; with `weight_noise` set, that of W + ε, computed from a temporary W + ε so
+        that the stored weight is never written (see `lorakit.procedures.flat`)."""
+        if self.weight_noise is None:
+            return self.base_layer(x)
+        weight = self.base_weight_linear() + self.weight_noise
+        return torch.nn.functional.linear(x, weight, self.base_layer.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        out = self.base_output(x)
         if self.merged or self.disabled:
             return out
         return self.add_update(out, x)

@@ -1,4 +1,5 @@
-"""Method specs of `lorakit compare --methods`: "lora,olora,mini:outer=normal:lr=3e-5,mini:a=64,b=64,lora:r=4".
+"""Method specs of `lorakit compare --methods`: "lora,olora,mini:outer=normal:lr=3e-5,mini:a=64,b=64,lora:r=4",
+"melora:blocks=4" (a method's own options), "lora:procedure=flat/rho=0.1", "lora:optimizer=rite".
 
 Methods are comma-separated; a method's options follow a colon, separated by colons or commas (a comma-separated
 part that holds "=" and no method name continues the previous method's options).
@@ -25,6 +26,8 @@ OPTIONS = {
     "dropout": ("dropout", float),
     "rslora": ("rslora", lambda v: v.lower() in ("1", "true", "yes")),
     "targets": ("targets", str),
+    "procedure": ("procedure", lambda v: v.replace("/", ":", 1).replace("/", ",")),  # procedure=flat/rho=0.1
+    "optimizer": ("optimizer", str),
 }
 
 

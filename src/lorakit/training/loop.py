@@ -23,9 +23,10 @@ from ..data import load_examples, read_records
 from ..data.formats import IGNORE
 from ..data.stdlib_docstrings import NAME as DEFAULT_DATA
 from ..errors import ConfigError, LorakitError
-from ..inject import adapt, adapter_layers
+from ..inject import adapt, adapter_layers, trainable_parameters
 from ..models import load_model
 from ..persist import load_adapter, save_adapter
+from ..procedures.base import TrainingState
 from . import rng as train_rng
 from .batches import collate, global_batch, micro_batch, token_loss_sum, trained_tokens
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -156,7 +157,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
         layer.base_fingerprint  # noqa: B018 - make sure it is taken from the full weight, before sharding
-    trainable = sum(p.numel() for layer in layers for p in layer.trainable_parameters().values())
+    trainable = sum(p.numel() for p in trainable_parameters(model))  # shared tensors (LoRTA) included, once
     base_parameters = sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
     if main:
@@ -178,8 +179,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     model = runtime.shard(model)  # FSDP: parameters become DTensor shards; otherwise unchanged
     if eval_examples and runtime.strategy == "fsdp":
         eval_examples = _pad_for_processes(eval_examples, world)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _make_optimizer(cfg, model)
+    procedure = _make_procedure(cfg)
     scheduler = get_scheduler(
         SCHEDULER_NAMES[cfg.schedule], optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps
     )
@@ -189,7 +190,12 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     if resume_from:
         state = load_checkpoint(resume_from, optimizer, scheduler, rank=rank, processes=world)
         start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+        if procedure is not None:
+            procedure.load_state_dict(state.get("procedure") or {})
     model, optimizer = runtime.prepare(model, optimizer)
+    moment = TrainingState(runtime.unwrap(model), optimizer, scheduler, start_step, cfg.steps, cfg.seed, rank, world)
+    if procedure is not None:
+        procedure.on_train_begin(moment)
     device = runtime.device
     global_size = cfg.batch_size * world * cfg.grad_accum
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -214,6 +220,9 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             global_tokens = sum(trained_tokens(examples[i]) for i in indices)
             step_tokens = sum(len(examples[i]["input_ids"]) for i in indices)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            moment.step = step
+            if procedure is not None:
+                procedure.before_step(moment)
             for k in range(cfg.grad_accum):
                 chosen = micro_batch(indices, k, rank, cfg.batch_size, world)
                 batch = {key: v.to(device) for key, v in collate([examples[i] for i in chosen], pad_id).items()}
@@ -234,10 +243,14 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
                 raise TrainingDiverged(
                     f"non-finite loss ({step_loss}) at step {step + 1}; training stopped, {where}; lower --lr"
                 )
+            if procedure is not None:
+                procedure.after_backward(moment)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if procedure is not None:
+                procedure.after_optimizer_step(moment)
             seconds = time.perf_counter() - step_start
             tokens_total += step_tokens
             record = {
@@ -254,9 +267,10 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and not is_last:
-                saved = _save_checkpoint(
-                    runtime, out, model, optimizer, scheduler, step + 1, {"elapsed_s": record["elapsed_s"]}, cfg
-                )
+                extra = {"elapsed_s": record["elapsed_s"]}
+                if procedure is not None:
+                    extra["procedure"] = procedure.state_dict()
+                saved = _save_checkpoint(runtime, out, model, optimizer, scheduler, step + 1, extra, cfg)
                 last_checkpoint = saved or last_checkpoint
     finally:
         bar.close()
@@ -287,6 +301,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             "peak_memory_bytes_per_process": peaks,
             "processes": world,
             "strategy": runtime.strategy,
+            "procedure": procedure.describe() if procedure is not None else None,
+            "optimizer": cfg.optimizer,
             "precision": runtime.precision_details,
             "base_parameters": base_parameters,
             "base_parameters_per_process": local_base,
@@ -294,6 +310,27 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         write_json(out / "summary.json", summary)
     runtime.wait_for_everyone()
     return summary
+
+
+def _make_optimizer(cfg: TrainConfig, model):
+    if cfg.optimizer == "rite":
+        from ..optim import LoraRite
+
+        try:
+            return LoraRite(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        except ConfigError as exc:
+            raise ConfigError(flags_in_message(str(exc))) from None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _make_procedure(cfg: TrainConfig):
+    if cfg.procedure is None:
+        return None
+    from ..procedures import PROCEDURES, parse_procedure
+
+    name, options = parse_procedure(cfg.procedure)
+    return PROCEDURES[name](options)
 
 
 def _save_checkpoint(runtime, out, model, optimizer, scheduler, step, extra, cfg) -> Path | None:

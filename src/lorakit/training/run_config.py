@@ -19,6 +19,7 @@ from ..options import parse_option_strings
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 REPORTERS = ("none", "tensorboard")
+OPTIMIZERS = ("adamw", "rite")
 # Settings that may differ between a run and its --resume (everything else must match run.json).
 RESUME_MAY_DIFFER = ("resume", "quiet", "report_to", "out")
 
@@ -40,6 +41,8 @@ class TrainConfig:
     mini_b: int = 32
     mini_outer: str = "orthonormal"
     option: list[str] | None = None  # method options, "key=value" each (CLI: --option key=value, repeatable)
+    procedure: str | None = None  # a training procedure, "NAME[:key=value,...]" (lorakit.procedures)
+    optimizer: str = "adamw"
     steps: int = 100
     batch_size: int = 4
     lr: float = 3e-4
@@ -85,6 +88,16 @@ class TrainConfig:
                 raise ConfigError(
                     f"{_flag(field)} {getattr(self, field)!r} is unknown; use one of: {', '.join(choices)}"
                 )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer {self.optimizer!r} is unknown; use one of: {', '.join(OPTIMIZERS)}")
+        if self.procedure is not None:
+            from ..procedures import PROCEDURES, parse_procedure
+
+            name, _ = parse_procedure(self.procedure)
+            if self.fsdp and not PROCEDURES[name].supports_fsdp:
+                raise ConfigError(f"--procedure {name} does not support --fsdp yet; train it without --fsdp")
+        if self.fsdp and self.optimizer != "adamw":
+            raise ConfigError(f"--optimizer {self.optimizer} does not support --fsdp yet; use --optimizer adamw")
         if self.fsdp and self.precision == "fp16":
             raise ConfigError("--precision fp16 is not supported with --fsdp; use --precision bf16")
         self.adapter_config()

@@ -1,0 +1,67 @@
+"""The extension points of the training loop.
+
+A `Procedure` changes how training runs without editing the loop. The loop calls its hooks at four moments, each
+with the same `TrainingState` (model, optimizer, scheduler, step, ...):
+
+    on_train_begin        once, after the adapter, the optimizer and any checkpoint are in place
+    before_step           before the first micro-batch of optimizer step `state.step` (0-based)
+    after_backward        the step's gradients are complete (summed over micro-batches, averaged over
+                          processes); the optimizer has not stepped yet
+    after_optimizer_step  after optimizer.step(), scheduler.step() and zero_grad()
+
+They map one-to-one onto transformers' `TrainerCallback.on_step_begin`, `on_pre_optimizer_step` and
+`on_step_end`, so the same procedure can run inside the Trainer. A procedure's state is what `state_dict()`
+returns (JSON values): the loop writes it into every checkpoint and hands it back through `load_state_dict()` on
+--resume, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..options import Option
+
+
+@dataclass
+class TrainingState:
+    model: nn.Module  # the adapted model, unwrapped (no DDP wrapper)
+    optimizer: Any
+    scheduler: Any
+    step: int  # 0-based index of the optimizer step about to run (before_step) or just run (after_*)
+    total_steps: int
+    seed: int
+    process_index: int = 0
+    num_processes: int = 1
+
+
+class Procedure:
+    name: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+    supports_fsdp: ClassVar[bool] = False
+
+    def __init__(self, options: dict):
+        self.settings = {key: options.get(key, option.default) for key, option in self.options.items()}
+
+    def on_train_begin(self, state: TrainingState) -> None:
+        pass
+
+    def before_step(self, state: TrainingState) -> None:
+        pass
+
+    def after_backward(self, state: TrainingState) -> None:
+        pass
+
+    def after_optimizer_step(self, state: TrainingState) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def describe(self) -> str:
+        return self.name + "".join(f":{k}={v}" for k, v in self.settings.items())

@@ -1,0 +1,71 @@
+"""Flat-LoRA: Li et al., "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape", arXiv:2409.14396.
+
+Flat-LoRA trains the adapter on the expected loss under random perturbations of the FULL merged weight
+W' = W + s·ΔW (paper, Section 3: a Bayesian expectation loss instead of SAM's worst case). Each optimizer step t:
+
+    ε_ij ~ N(0, σ_i²),   σ_i = f(t) · ρ · ‖W'_i‖ / √in,   f(t) = ½ (1 − cos(π t / T))      (filter-wise, per output row)
+
+then forward and backward through W + ε (the adapter path unchanged), then ε is removed. f grows from 0 to 1 over
+the run (the paper's cosine-increasing noise schedule); ρ = `rho` defaults to 0.05, the authors' README example
+(their code's default is 0 and asserts ρ > 0).
+
+Where lorakit differs from the authors' code, on purpose:
+- The noise never touches the stored weight: the layer computes F.linear(x, W + ε, b) with a temporary W + ε
+  (`AdapterLayer.weight_noise`), so after every step the base weights are bit-identical to before. The authors
+  add ε in place and subtract it again, which is not exact in floating point (fl(W + ε) − ε ≠ W). Cost: one
+  temporary W + ε per adapted layer kept for the backward pass, i.e. up to one extra copy of the adapted
+  weights in memory during a step (measured in `make bench`).
+- ε comes from a generator seeded by (seed, step, module), not the clock: a resumed run draws the same noise, every
+  process of a DDP run draws the same ε, and all micro-batches of one gradient-accumulation step share it.
+- Eval and save always see the unperturbed model: the noise exists only between `before_step` and
+  `after_backward`.
+
+Works with every method (W' uses the method's own dense s·ΔW). Not with --fsdp (the weights are shards there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from ..inject import adapter_layers
+from ..options import Option
+from . import register_procedure
+from .base import Procedure, TrainingState
+
+
+def noise_generator(seed: int, step: int, module: str) -> torch.Generator:
+    digest = hashlib.sha256(f"lorakit:flat:{seed}:{step}:{module}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def noise_scale(step: int, total_steps: int) -> float:
+    """f(t) = ½ (1 − cos(π t / T)): 0 at the first step, 1 at the end."""
+    return 0.5 * (1.0 - math.cos(math.pi * step / max(total_steps, 1)))
+
+
+@register_procedure
+class FlatLora(Procedure):
+    name = "flat"
+    options = {"rho": Option(0.05, float, "noise level ρ (relative to the row norm of W + sΔW)", minimum=0.0)}
+
+    @torch.no_grad()
+    def before_step(self, state: TrainingState) -> None:
+        factor = noise_scale(state.step, state.total_steps) * self.settings["rho"]
+        for name, layer in adapter_layers(state.model):
+            layer.weight_noise = None if factor == 0 else self.draw(layer, name, factor, state)
+
+    def draw(self, layer, name: str, factor: float, state: TrainingState) -> torch.Tensor:
+        """ε for one layer in nn.Linear layout and the base weight's dtype."""
+        weight = layer.base_weight_linear()
+        merged = weight.to(layer.factor_dtype) + layer.delta_linear().detach()
+        sigma = torch.linalg.vector_norm(merged, dim=1, keepdim=True) * (factor / math.sqrt(layer.in_features))
+        gen = noise_generator(state.seed, state.step, name)
+        noise = torch.randn(merged.shape, generator=gen, dtype=torch.float32).to(merged.device)
+        return (noise.mul_(sigma.to(noise.dtype))).to(weight.dtype)
+
+    def after_backward(self, state: TrainingState) -> None:
+        for _, layer in adapter_layers(state.model):
+            layer.weight_noise = None

@@ -1,0 +1,103 @@
+"""Flat-LoRA (lorakit.procedures.flat): filter-wise noise on W + sΔW, never a trace on the base weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import fresh_copy, make_config, model_output, perturb_adapters, tiny_llama
+
+import lorakit
+from lorakit.procedures import PROCEDURES, parse_procedure
+from lorakit.procedures.base import TrainingState
+from lorakit.procedures.flat import FlatLora, noise_scale
+
+
+def adapted(variant="lora", dtype=torch.float32):
+    model = lorakit.adapt(fresh_copy(tiny_llama()).to(dtype), make_config(variant))
+    perturb_adapters(model)
+    return model
+
+
+def state(model, step, total=10, seed=0):
+    return TrainingState(model, None, None, step, total, seed)
+
+
+def test_noise_schedule_rises_from_zero_to_one():
+    assert noise_scale(0, 10) == 0.0 and noise_scale(10, 10) == pytest.approx(1.0)
+    assert noise_scale(5, 10) == pytest.approx(0.5)
+    values = [noise_scale(t, 10) for t in range(11)]
+    assert values == sorted(values)
+
+
+def test_options_and_registry():
+    assert PROCEDURES["flat"] is FlatLora
+    assert parse_procedure("flat") == ("flat", {})
+    assert parse_procedure("flat:rho=0.1") == ("flat", {"rho": 0.1})
+    with pytest.raises(lorakit.ConfigError, match="rho=-1 of flat is invalid; use a number >= 0"):
+        parse_procedure("flat:rho=-1")
+    with pytest.raises(lorakit.ConfigError, match="--procedure 'sam' is unknown; use one of: .*flat"):
+        parse_procedure("sam")
+
+
+@pytest.mark.parametrize("variant", ["lora", "mini-orthonormal", "mora", "lorta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_leaves_base_weights_bit_identical_and_the_noise_acts(variant, dtype, inputs):
+    model = adapted(variant, dtype)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    clean = model_output(model, inputs)
+    flat = FlatLora({"rho": 0.05})
+    optimizer = torch.optim.AdamW(lorakit.inject.trainable_parameters(model), lr=1e-2)
+    for step in (3, 7):
+        moment = TrainingState(model, optimizer, None, step, 10, 0)
+        flat.before_step(moment)
+        noisy = model_output(model, inputs)
+        assert not torch.equal(noisy, clean)  # the forward really sees W + ε
+        noisy.float().square().mean().backward()
+        flat.after_backward(moment)
+        assert all(layer.weight_noise is None for _, layer in lorakit.adapter_layers(model))
+        with torch.no_grad():  # without the optimizer step the clean model is exactly back
+            assert torch.equal(model_output(model, inputs), clean)
+        optimizer.step()
+        optimizer.zero_grad()
+        clean = model_output(model, inputs)
+    for key, value in model.state_dict().items():
+        if key.endswith("base_layer.weight") or "base_layer" in key:
+            assert torch.equal(value, original[key]), key
+
+
+def test_noise_std_per_row_follows_the_merged_weight_norm():
+    """σ_i = f(t)·ρ·‖W'_i‖/√in with W' = W + sΔW, checked on a wide layer where the sample std is precise."""
+    base = tiny_llama(hidden_size=64, intermediate_size=4096, num_attention_heads=4, num_key_value_heads=4)
+    model = lorakit.adapt(base, lorakit.AdapterConfig(method="lora", r=4, targets=["down_proj"]))
+    perturb_adapters(model, scale=0.3)
+    name, layer = next(iter(lorakit.adapter_layers(model)))
+    step, total, rho = 6, 10, 0.2
+    noise = FlatLora({"rho": rho}).draw(layer, name, noise_scale(step, total) * rho, state(model, step, total))
+    merged = layer.base_layer.weight + layer.delta_weight()
+    expected = noise_scale(step, total) * rho * merged.norm(dim=1) / math.sqrt(layer.in_features)
+    torch.testing.assert_close(noise.std(dim=1), expected, rtol=0.05, atol=0)
+    # rows of different norm get different noise: the scale is per row, not per matrix
+    assert expected.max() / expected.min() > 1.2
+
+
+def test_same_seed_and_step_same_noise_else_different():
+    model = adapted()
+    name, layer = next(iter(lorakit.adapter_layers(model)))
+    flat = FlatLora({})
+    first = flat.draw(layer, name, 0.05, state(model, 3))
+    assert torch.equal(first, flat.draw(layer, name, 0.05, state(model, 3)))  # resume, other processes
+    assert not torch.equal(first, flat.draw(layer, name, 0.05, state(model, 4)))
+    assert not torch.equal(first, flat.draw(layer, name, 0.05, state(model, 3, seed=1)))
+    other_name, other = list(lorakit.adapter_layers(model))[1]
+    assert not torch.equal(first[:4, :4], flat.draw(other, other_name, 0.05, state(model, 3))[:4, :4])
+
+
+def test_rho_zero_and_the_first_step_add_no_noise(inputs):
+    model = adapted()
+    clean = model_output(model, inputs)
+    FlatLora({"rho": 0.0}).before_step(state(model, 5))
+    assert torch.equal(model_output(model, inputs), clean)
+    FlatLora({}).before_step(state(model, 0))  # f(0) = 0
+    assert torch.equal(model_output(model, inputs), clean)
