@@ -82,6 +82,9 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.disabled = False
         self.weight_noise: torch.Tensor | None = None  # Flat-LoRA's ε (nn.Linear layout) during a training step
+        # Chain of LoRA's finished links, frozen: (A, s·B) of rank Σ r_j, added to the update (plain tensors, not
+        # buffers: a procedure owns and saves them)
+        self.frozen_links: tuple[torch.Tensor, torch.Tensor] | None = None
         weight = base_layer.weight
         # Trained factors live in float32 under half-precision bases (their updates are too small for fp16/bf16).
         self.factor_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -207,7 +210,17 @@ class AdapterLayer(nn.Module):
         out = self.base_output(x)
         if self.merged or self.disabled:
             return out
+        if self.frozen_links is not None:
+            out = self._add_low_rank(out, x, *self.frozen_links, scale=1.0)
         return self.add_update(out, x)
+
+    def total_delta_linear(self) -> torch.Tensor:
+        """s·ΔW plus any frozen links, dense, nn.Linear layout: what merge folds into the weight."""
+        delta = self.delta_linear()
+        if self.frozen_links is not None:
+            a, b = self.frozen_links
+            delta = delta + b @ a
+        return delta
 
     # ----------------------------------------------------------------- merge / unmerge / restore
     @torch.no_grad()
@@ -220,7 +233,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             raise ConfigError(f"{self.name} is already merged; call lorakit.unmerge(model) before merging again")
         weight = self.base_layer.weight
-        merged = weight.to(self.factor_dtype) + self._layout(self.delta_linear())
+        merged = weight.to(self.factor_dtype) + self._layout(self.total_delta_linear())
         if not torch.isfinite(merged).all():
             raise ValueError(f"{self.name}: merging would produce non-finite weights; the model was left unmerged")
         weight.copy_(merged.to(weight.dtype))
@@ -231,7 +244,7 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             raise ConfigError(f"{self.name} is not merged; nothing to unmerge")
         weight = self.base_layer.weight
-        weight.copy_((weight.to(self.factor_dtype) - self._layout(self.delta_linear())).to(weight.dtype))
+        weight.copy_((weight.to(self.factor_dtype) - self._layout(self.total_delta_linear())).to(weight.dtype))
         self.merged = False
 
     @torch.no_grad()

@@ -59,9 +59,19 @@ MAX_MODULES = 100_000
 MAX_DIM = 1 << 24
 
 
-def save_adapter(model: nn.Module, directory) -> Path:
-    """Write the model's adapter to `directory` atomically; returns the directory."""
-    layers = _require_adapted(model)
+def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> Path:
+    """Write the model's adapter to `directory` atomically; returns the directory.
+
+    `layers` ({module name: AdapterLayer}) saves those layers instead of the model's own (Chain of LoRA writes its
+    finished links and the current one as a single LoRA this way); they must wrap the model's base layers.
+    """
+    own = layers is None
+    if own:
+        layers = _require_adapted(model)
+        trainable = sum(p.numel() for p in trainable_parameters(model))
+    else:
+        layers = list(layers.items())
+        trainable = sum(p.numel() for _, layer in layers for p in layer.trainable_parameters().values())
     config = layers[0][1].config
     tensors, modules = {}, {}
     for name, layer in layers:
@@ -75,7 +85,7 @@ def save_adapter(model: nn.Module, directory) -> Path:
             "base_fingerprint": layer.base_fingerprint.to_json(),
             "tensors": {key: list(value.shape) for key, value in stored.items()},
         }
-    shared, shared_info = shared_parameters(model), None
+    shared, shared_info = shared_parameters(model) if own else None, None
     if shared is not None:  # stored once, not per layer
         stored = {key: value.detach().to("cpu").contiguous() for key, value in shared.stored_tensors().items()}
         tensors.update({f"{SHARED}.{key}": value for key, value in stored.items()})
@@ -88,7 +98,7 @@ def save_adapter(model: nn.Module, directory) -> Path:
         "method": config.method,
         "config": config.to_dict(),
         "base_model": _describe_base(model),
-        "trainable_parameters": sum(p.numel() for p in trainable_parameters(model)),
+        "trainable_parameters": trainable,
         "tensors_file": TENSORS_FILE,
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         "modules": modules,

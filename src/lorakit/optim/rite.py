@@ -8,14 +8,14 @@ X with partner Y (A↔B), every step, all with the partner's magnitude removed (
 
     F_X = U_X R_X                                   thin QR (A: QR of Aᵀ); R⁺ a pseudo-inverse, since B = 0 at init
     ḡ_X = ∇_X · R_Y⁺                                unmagnified gradient = Gᵀ U_B (for A): invariant up to a rotation
-    ḡ_X ← 0 if RMS(ḡ_X) > skip_rms                  update skipping, per factor (the authors' code)
+    ḡ_X ← 0 if RMS(ḡ_X) > skip_rms                  update skipping, per factor (also when not finite)
     ḡ ← ḡ · min(1, clip_norm / ‖ḡ‖)                 one global norm over every factor of the model
     P_X = U_Yᵀ U_Y,prev                             the partner's basis change since the last step
     V̄_X = β̂₂ · P_X V̄_X Pᵀ_X + (1 − β̂₂) · ḡᵀḡ / n     second moment, r×r, carried into the new basis
     ρ_X = β̂₂ · (ρ_X + d_λ(V̄_prev, P V̄_prev Pᵀ))     escaped mass (option): d_λ = max_i λ_i(V̄) − λ_i(PV̄Pᵀ) ≥ 0
     S̄_X = ḡ_X · E diag(1 / (√(λ + ρ) + eps)) Eᵀ      (V̄_X + ρI)^(−1/2) by eigh, eps = 1e-6 as the authors
     M̄_X = β̂₁ · M̄_X Pᵀ_X + (1 − β̂₁) · S̄_X            first moment of the preconditioned step, also carried by P
-    M̄_X ← M̄_X / max(1, RMS(M̄_X) / update_cap)       update capping (option)
+    M̄_X ← M̄_X / max(1, RMS(M̄_X) / update_cap)       update capping (option; the state keeps the uncapped M̄)
     F_X ← F_X − lr · (M̄_X R_Y⁺ᵀ + wd · F_X)          the partner's magnitude restored
 
 β̂ is Adafactor's bias-corrected decay β(1 − β^(t−1)) / (1 − β^t) (Shazeer & Stern 2018, §7.1), so the first step
@@ -27,31 +27,39 @@ invariant; decoupled weight decay on the factors is not (hence the warning).
 Pairs: every adapter layer's trained (A, B) — LoRA, OLoRA (ΔW = BA − B0A0 with B0A0 frozen) — and LoRA-Mini's
 (A_in, B_in): ΔW = B_out (B_in A_in) A_out, and the inner product Z = B_in·A_in is itself a rank-r LoRA in the
 (a, b) coordinates, so the same invariance holds for (S⁻¹A_in, B_in·S). Layers training anything else (MoRA's M,
-LoRTA's shared tensors) and trainable parameters outside the pairs are refused with a ConfigError: the optimizer is
-RITE only, never a silent mix with Adam.
+LoRA-XS's R, LoRTA's shared tensors, PRoLoRA's four tensors, MELoRA's batched blocks) and trainable parameters
+outside the pairs are refused with a ConfigError: the optimizer is RITE only, never a silent mix with Adam. So are
+FSDP-sharded factors (a QR needs the whole factor): create LoraRite on the unwrapped model and train with DDP.
 
-State (all in `self.state`, per factor, so state_dict / load_state_dict resume exactly): `step` (0-d tensor on the
-parameter's device), `exp_avg` (M̄, the factor's shape), `exp_avg_sq` (V̄, r×r), `basis` (U of the last step, the
-factor's shape) and `escaped` (ρ). One param group per pair, [A, B], with the layer's name. lr and weight_decay
-are read per group (schedulers work as usual); the other options are optimizer-wide (the first group's).
+State (all in `self.state`, per factor, plain tensors, so state_dict / load_state_dict resume exactly): `step` (0-d
+float32 on the parameter's device), `exp_avg` (M̄, the factor's shape), `exp_avg_sq` (V̄, r×r), `basis` (U of the
+last step, the factor's shape) and `escaped` (ρ, 0-d); float32 for half-precision factors. One param group per
+pair, [A, B], with the layer's name. lr and weight_decay are read per group (schedulers work as usual); the other
+options are optimizer-wide (the first group's).
 
-Batching: the factors of one tall shape (n, r) are stacked for one batched QR and one bmm per product, and the r×r
-algebra (pinv, eigh) runs once over every factor of the same rank. No Python branch reads a tensor value: skipping
-and clipping are `torch.where` / `clamp` arithmetic (the linear-algebra kernels themselves may check their status).
+Batching: the factors of one tall shape (n, r), A's and B's alike, are stacked for one batched QR and one bmm per
+product, and the r×r algebra (pinv, eigh) runs once over every factor of the same rank. No Python branch reads a
+tensor value: skipping and clipping are `torch.where` / `clamp` arithmetic (on CUDA the pinv and eigh kernels still
+check their own status, which waits for the device once each).
 
-Differences from the authors' PyTorch port (github.com/gkevinyen5418/LoRA-RITE, lora_rite.py): the state lives in
-`self.state` (theirs in a namespace object that state_dict cannot save); pairs come from the adapter layers, not
-from the order of a parameter list; a non-finite unmagnified gradient counts as skipped (their `>` test lets NaN
-through); eigenvalues are clamped at 0 before the square root (theirs can take √ of a rounding-negative value and
-then zero the NaN); d_λ is the paper's max eigenvalue drop (theirs also caps it by the trace drop, which is never
-smaller); their unused options (relative epsilon, balance_param) are left out.
+Checked against the authors' PyTorch port (github.com/gkevinyen5418/LoRA-RITE, lora_rite.py, `LoRARite.step` and
+`_LoraRiteHelper`): same QR / pinv, unmagnified gradient, per-factor skip before the global clip, ḡᵀḡ/n, basis
+carry P = U_newᵀU_old of the partner for both moments, bias-corrected decays, 1/(√(λ+ρ) + eps), escaped mass
+β̂₂(ρ + min(eigenvalue drop, trace drop)), capping of M̄ only for the step, and the decoupled weight decay. The
+differences: the state lives in `self.state` (theirs in a namespace object that state_dict cannot save); pairs
+come from the adapter layers, not from the order of a parameter list; a non-finite unmagnified gradient counts as
+skipped (their `>` test lets NaN through); eigenvalues are clamped at 0 before the square root (theirs can take
+the √ of a rounding-negative value and then zero the NaN); their unused options (relative epsilon, which fails as
+written, and balance_param) are left out; half-precision factors are computed in float32.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import nn
@@ -60,6 +68,27 @@ from ..errors import ConfigError
 from ..inject import adapter_layers
 
 PAIR_NAMES = (("A", "B"), ("A_in", "B_in"))  # (r × n_a, n_b × r) trained factor pairs of the known methods
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of the optimizer's algebra and state: float32 for half-precision factors."""
+    return torch.float32 if dtype in HALF else dtype
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _unsupported(method: str, detail: str) -> ConfigError:
+    return ConfigError(
+        f"LoraRite needs one (A, B) factor pair per adapter layer, but method {method!r} {detail}; "
+        f"use torch.optim.AdamW for {method}"
+    )
 
 
 def factor_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
@@ -70,15 +99,24 @@ def factor_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter
         names = next((pair for pair in PAIR_NAMES if set(pair) == set(params)), None)
         if names is None:
             trained = ", ".join(sorted(params)) or "only tensors shared by all layers"
-            raise ConfigError(
-                f"LoraRite needs one (A, B) factor pair per adapter layer, but method {layer.method!r} trains "
-                f"{trained} in {name}; use torch.optim.AdamW for {layer.method}"
-            )
+            raise _unsupported(layer.method, f"trains {trained} in {name}")
         a, b = params[names[0]], params[names[1]]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] > min(a.shape[1], b.shape[0]):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise _unsupported(
+                layer.method,
+                f"has factors {names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} in {name}, "
+                f"not an r×n and an n×r matrix",
+            )
+        if _is_dtensor(a) or _is_dtensor(b):
             raise ConfigError(
-                f"LoraRite: {name} has factors {tuple(a.shape)} and {tuple(b.shape)}; it needs A: r×n_a, B: n_b×r "
-                f"with r <= n_a and r <= n_b"
+                f"LoraRite needs whole factors, but {name}'s are sharded (FSDP); create it before sharding and "
+                f"train with DDP, or use torch.optim.AdamW"
+            )
+        r, width = a.shape[0], min(a.shape[1], b.shape[0])
+        if r > width:
+            raise ConfigError(
+                f"LoraRite: {name} has rank r={r} above its width {width} (factors {tuple(a.shape)}, "
+                f"{tuple(b.shape)}); use r <= {width} or torch.optim.AdamW"
             )
         pairs.append((name, a, b))
     if not pairs:
@@ -103,6 +141,10 @@ def _sym(x: torch.Tensor) -> torch.Tensor:
     return (x + x.mT) / 2
 
 
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class _Factor:
     param: nn.Parameter
@@ -110,6 +152,7 @@ class _Factor:
     group: dict
 
     def tall(self, t: torch.Tensor) -> torch.Tensor:
+        """t (in the factor's own layout) as n × r, or back: the transpose is its own inverse."""
         return t.mT if self.is_a else t
 
     @property
@@ -119,11 +162,19 @@ class _Factor:
 
 @dataclass
 class _Slab:
-    """Factors of one tall shape (n × r): one batched QR; rows start:stop of their rank group's r×r arrays."""
+    """Factors of one tall shape (n × r), A's and B's alike: one batched QR; rows start:stop of their rank group."""
 
     factors: list[_Factor]
     start: int
     stop: int
+
+    def stack(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The slab's tensors (each in its factor's layout) stacked tall: (factors, n, r)."""
+        return torch.stack([f.tall(t) for f, t in zip(self.factors, tensors)]).to(dtype)
+
+    def unstack(self, stacked: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a tall stack in each factor's own layout."""
+        return [f.tall(t) for f, t in zip(self.factors, stacked)]
 
 
 @dataclass
@@ -139,11 +190,13 @@ class _RankGroup:
 class LoraRite(torch.optim.Optimizer):
     """LoRA-RITE over every adapter pair of `model` (see the module docstring for the algorithm).
 
+    model: the adapted model (lorakit.adapt), before DDP wrapping; LoraRite pairs each layer's (A, B) itself.
     lr: as Adam's for LoRA is a good start (the authors' PyTorch recipe sweeps 2e-4, 5e-4, 1e-3 at r=16).
+    betas: decays of the first and second moment. eps: added to √λ of the second moment (the authors' 1e-6).
     clip_norm: global norm of the unmagnified gradients (None: off). skip_rms: zero a factor's unmagnified gradient
-    whose RMS exceeds it (None: off). update_cap: cap the RMS of each factor's step (None: off). escaped_mass: the
-    paper's ρ term. weight_decay: decoupled, on the factors; > 0 breaks invariance (warned). batched=False runs
-    every pair on its own (a reference path for tests).
+    whose RMS exceeds it, or that is not finite (None: off). update_cap: cap the RMS of each factor's step before
+    its magnitude is restored (None: off). escaped_mass: the paper's ρ term. weight_decay: decoupled, on the
+    factors; > 0 breaks invariance (warned). batched=False runs every factor on its own (a reference path).
     """
 
     def __init__(
@@ -160,27 +213,35 @@ class LoraRite(torch.optim.Optimizer):
         *,
         batched: bool = True,
     ):
-        beta1, beta2 = betas
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                "LoraRite takes the adapted model (it pairs every adapter layer's A and B itself), not a list of "
+                "parameters: LoraRite(model, lr=...)"
+            )
+        pair = tuple(betas) if isinstance(betas, tuple | list) else ()
         checks = [
-            ("lr", lr, lr >= 0),
-            ("betas", betas, 0 <= beta1 < 1 and 0 <= beta2 < 1),
-            ("eps", eps, eps >= 0),
-            ("weight_decay", weight_decay, weight_decay >= 0),
-        ] + [(k, v, v is None or v > 0) for k, v in (("clip_norm", clip_norm), ("skip_rms", skip_rms))]
-        checks.append(("update_cap", update_cap, update_cap is None or update_cap > 0))
+            ("lr", lr, _number(lr) and lr >= 0),
+            ("betas", betas, len(pair) == 2 and all(_number(b) and 0 <= b < 1 for b in pair)),
+            ("eps", eps, _number(eps) and eps >= 0),
+            ("weight_decay", weight_decay, _number(weight_decay) and weight_decay >= 0),
+            ("escaped_mass", escaped_mass, isinstance(escaped_mass, bool)),
+        ]
+        for key, value in (("clip_norm", clip_norm), ("skip_rms", skip_rms), ("update_cap", update_cap)):
+            checks.append((key, value, value is None or (_number(value) and value > 0)))
         for key, value, ok in checks:
             if not ok:
                 raise ConfigError(f"LoraRite: {key}={value!r} is invalid; see help(lorakit.optim.LoraRite)")
+        groups = [{"params": [a, b], "name": name} for name, a, b in factor_pairs(model)]
         if weight_decay > 0:
             warnings.warn(
                 "LoraRite: weight_decay > 0 decays the factors A and B, which breaks LoRA-RITE's transformation "
-                "invariance (the update then depends on how ΔW is factored)",
+                "invariance (the update then depends on how ΔW is factored); the paper uses none",
+                UserWarning,
                 stacklevel=2,
             )
-        groups = [{"params": [a, b], "name": name} for name, a, b in factor_pairs(model)]
         defaults = dict(
             lr=lr,
-            betas=(beta1, beta2),
+            betas=pair,
             eps=eps,
             weight_decay=weight_decay,
             clip_norm=clip_norm,
@@ -188,20 +249,38 @@ class LoraRite(torch.optim.Optimizer):
             update_cap=update_cap,
             escaped_mass=escaped_mass,
         )
-        super().__init__(groups, defaults)
-        self.batched = batched
         self._plan_key = None
         self._plan: list[_RankGroup] = []
+        super().__init__(groups, defaults)
+        self.batched = batched
 
-    # ----------------------------------------------------------------- state and layout
+    # ----------------------------------------------------------------- groups, state and layout
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if not (
+            len(params) == 2 and params[0].dim() == params[1].dim() == 2 and params[0].shape[0] == params[1].shape[1]
+        ):
+            self.param_groups.pop()
+            raise ConfigError("LoraRite: a param group is one adapter pair [A (r × n_a), B (n_b × r)]")
+        self._plan_key = None
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        # torch leaves `step` where it was saved (CPU); the decays are computed on the parameter's device
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "step" in state:
-                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        # torch casts saved state to the parameter's dtype and leaves `step` where it was saved (CPU); RITE keeps
+        # its state in the compute dtype (float32 for half-precision factors) and `step` on the parameter's device
+        saved = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = dict(zip(saved, chain.from_iterable(g["params"] for g in self.param_groups)))
+        for index, values in state_dict["state"].items():
+            p = params[index]
+            dtype = _compute_dtype(p.dtype)
+            self.state[p] = {
+                key: torch.as_tensor(value).to(
+                    device=p.device, dtype=torch.float32 if key == "step" else dtype, copy=True
+                )
+                for key, value in values.items()
+            }
+        self._plan_key = None  # the param group dicts were replaced
 
     def _init_state(self, factor: _Factor, dtype: torch.dtype) -> dict:
         p, state = factor.param, self.state[factor.param]
@@ -219,7 +298,7 @@ class LoraRite(torch.optim.Optimizer):
         partner index is not copied to the device every step."""
         live = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
         key = (self.batched,) + tuple(
-            (id(a), id(b), a.device, a.dtype, a.shape, b.shape) for a, b in (g["params"] for g in live)
+            (id(g), id(a), id(b), a.device, a.dtype, a.shape, b.shape) for g in live for a, b in [g["params"]]
         )
         if key == self._plan_key:
             return self._plan
@@ -240,8 +319,7 @@ class LoraRite(torch.optim.Optimizer):
                 slabs.append(_Slab([factors[i] for i in members], start, start + len(members)))
                 start += len(members)
             partner = torch.tensor([row[i ^ 1] for i in order], device=device)
-            compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-            plan.append(_RankGroup([factors[i] for i in order], slabs, partner, compute))
+            plan.append(_RankGroup([factors[i] for i in order], slabs, partner, _compute_dtype(dtype)))
         self._plan_key, self._plan = key, plan
         return plan
 
@@ -260,7 +338,8 @@ class LoraRite(torch.optim.Optimizer):
         scale = None
         if options["clip_norm"] is not None:
             device = plan[0].factors[0].param.device
-            norm = torch.stack([sq.to(device) for _, _, _, sq in first]).sum().sqrt()
+            dtype = torch.float64 if any(rg.dtype == torch.float64 for rg in plan) else torch.float32
+            norm = torch.stack([sq.to(device=device, dtype=dtype) for *_, sq in first]).sum().sqrt()
             scale = options["clip_norm"] / norm.clamp(min=options["clip_norm"])  # 1 when under the limit
         for rg, (bases, grads, r_partner, _) in zip(plan, first):
             self._update(rg, bases, grads, r_partner, scale, options)
@@ -270,11 +349,10 @@ class LoraRite(torch.optim.Optimizer):
         """QR bases and unmagnified gradients ḡ = ∇·R⁺_partner of a rank group, and their squared norm."""
         bases, rs, grads = [], [], []
         for slab in rg.slabs:
-            x = torch.stack([f.tall(f.param) for f in slab.factors]).to(rg.dtype)
-            q, r = torch.linalg.qr(x)
+            q, r = torch.linalg.qr(slab.stack([f.param for f in slab.factors], rg.dtype))
             bases.append(q)
             rs.append(r)
-            grads.append(torch.stack([f.tall(f.grad) for f in slab.factors]).to(rg.dtype))
+            grads.append(slab.stack([f.grad for f in slab.factors], rg.dtype))
         # pinv, not inv: a zero B (LoRA's init) has R_B = 0, and then ḡ_A = 0 (as ∇_A = Bᵀ G is)
         r_partner = torch.linalg.pinv(torch.cat(rs))[rg.partner]
         squares = []
@@ -291,54 +369,44 @@ class LoraRite(torch.optim.Optimizer):
         beta1, beta2 = options["betas"]
         states = [self._init_state(f, rg.dtype) for f in rg.factors]
         steps = torch.stack([s["step"] for s in states])
-        b1, b2 = _decay(steps, beta1)[:, None, None], _decay(steps, beta2)[:, None, None]
-        turn, moment = [], []  # per slab: U_newᵀ U_prev of each factor, and ḡᵀḡ / n
+        b1 = _decay(steps, beta1).to(rg.dtype)[:, None, None]
+        b2 = _decay(steps, beta2).to(rg.dtype)[:, None, None]
+        turns, moments = [], []  # per slab: U_newᵀ U_prev of each factor, and ḡᵀḡ / n
         for slab, q, g in zip(rg.slabs, bases, grads):
             if scale is not None:
-                g.mul_(scale)
-            prev = torch.stack([s["basis"] for s in states[slab.start : slab.stop]])
-            prev = prev.mT if slab.factors[0].is_a == slab.factors[-1].is_a == True else self._tall_stack(slab, prev)  # noqa: E712
-            turn.append(q.mT @ prev.to(rg.dtype))
-            moment.append(g.mT @ g / g.shape[1])
-        p = torch.cat(turn)[rg.partner]  # a factor's moments live in its partner's basis
-        v_prev = torch.stack([s["exp_avg_sq"] for s in states]).to(rg.dtype)
+                g.mul_(scale.to(g.dtype))
+            prev = slab.stack([s["basis"] for s in states[slab.start : slab.stop]], rg.dtype)
+            turns.append(q.mT @ prev)
+            moments.append(g.mT @ g / g.shape[1])
+        p = torch.cat(turns)[rg.partner]  # a factor's moments live in its partner's basis
+        v_prev = torch.stack([s["exp_avg_sq"] for s in states])
         v_turned = _sym(p @ v_prev @ p.mT)
-        v = _sym(b2 * v_turned + (1 - b2) * torch.cat(moment))
-        escaped = torch.stack([s["escaped"] for s in states]).to(rg.dtype)
+        v = _sym(b2 * v_turned + (1 - b2) * torch.cat(moments))
+        escaped = torch.stack([s["escaped"] for s in states])
         if options["escaped_mass"]:
-            # what the projection dropped from V̄; never more than the trace it lost (a rounding guard)
-            drop = (torch.linalg.eigvalsh(v_prev) - torch.linalg.eigvalsh(v_turned)).amax(-1).clamp(min=0)
+            # d_λ: the largest eigenvalue drop of the projection, capped by the trace drop as the authors' code does
+            # (the same in exact arithmetic: P is a contraction, so every eigenvalue drops, and they sum to the trace)
+            drop = (torch.linalg.eigvalsh(v_prev) - torch.linalg.eigvalsh(v_turned)).amax(-1)
             trace_drop = (v_prev.diagonal(dim1=-2, dim2=-1) - v_turned.diagonal(dim1=-2, dim2=-1)).sum(-1)
-            escaped = b2.view(-1) * (escaped + torch.minimum(drop, trace_drop.clamp(min=0)))
+            escaped = b2.view(-1) * (escaped + torch.minimum(drop, trace_drop).clamp(min=0))
         lam, vec = torch.linalg.eigh(v)
         # V̄ is PSD: a rounding-negative eigenvalue is 0, not a NaN
         inv_root = (lam.clamp(min=0) + escaped[:, None]).sqrt().add(options["eps"]).reciprocal()
         precond = (vec * inv_root[:, None, :]) @ vec.mT
         for slab, q, g in zip(rg.slabs, bases, grads):
             rows = slice(slab.start, slab.stop)
-            m_prev = self._tall_stack(slab, torch.stack([s["exp_avg"] for s in states[rows]])).to(rg.dtype)
+            m_prev = slab.stack([s["exp_avg"] for s in states[rows]], rg.dtype)
             m = b1[rows] * (m_prev @ p[rows].mT) + (1 - b1[rows]) * (g @ precond[rows])
             direction = m
             if options["update_cap"] is not None:
                 rms = m.square().mean(dim=(1, 2), keepdim=True).sqrt()
                 direction = m / (rms / options["update_cap"]).clamp(min=1)
-            delta = direction @ r_partner[rows].mT
-            self._apply(slab, delta)
-            factors = slab.factors
-            torch._foreach_copy_([s["exp_avg"] for s in states[rows]], [f.tall(t) for f, t in zip(factors, m)])
-            torch._foreach_copy_([s["basis"] for s in states[rows]], [f.tall(t) for f, t in zip(factors, q)])
+            self._apply(slab, direction @ r_partner[rows].mT)
+            torch._foreach_copy_([s["exp_avg"] for s in states[rows]], slab.unstack(m))
+            torch._foreach_copy_([s["basis"] for s in states[rows]], slab.unstack(q))
         torch._foreach_copy_([s["exp_avg_sq"] for s in states], list(v))
         torch._foreach_copy_([s["escaped"] for s in states], list(escaped))
         torch._foreach_add_([s["step"] for s in states], 1.0)
-
-    @staticmethod
-    def _tall_stack(slab: _Slab, stacked: torch.Tensor) -> torch.Tensor:
-        """A stack of states in the factors' own layouts, turned tall (a slab may mix A's and B's of one n)."""
-        if all(f.is_a for f in slab.factors):
-            return stacked.mT
-        if not any(f.is_a for f in slab.factors):
-            return stacked
-        raise AssertionError("unreachable: a mixed slab is stacked factor by factor")
 
     @staticmethod
     def _apply(slab: _Slab, delta: torch.Tensor) -> None:
@@ -347,6 +415,8 @@ class LoraRite(torch.optim.Optimizer):
         decays = [1 - f.group["lr"] * f.group["weight_decay"] for f in slab.factors]
         if any(d != 1 for d in decays):
             torch._foreach_mul_(params, decays)
-        steps = [f.tall(t) for f, t in zip(slab.factors, delta)]
+        steps = slab.unstack(delta)
         torch._foreach_mul_(steps, [-f.group["lr"] for f in slab.factors])
+        if steps[0].dtype != params[0].dtype:
+            steps = [s.to(p.dtype) for s, p in zip(steps, params)]
         torch._foreach_add_(params, steps)

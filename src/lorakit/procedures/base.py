@@ -57,11 +57,23 @@ class Procedure:
     def after_optimizer_step(self, state: TrainingState) -> None:
         pass
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse (ConfigError, one line) a model this procedure cannot train, before training starts."""
+
     def state_dict(self) -> dict:
+        """JSON-able state, written into every checkpoint."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_tensors(self, model: nn.Module) -> dict:
+        """Tensor state ({name: tensor}), written into every checkpoint as procedure.safetensors."""
+        return {}
+
+    def load_state_dict(self, state: dict, tensors: dict, model: nn.Module) -> None:
         pass
+
+    def layers_to_save(self, model: nn.Module) -> dict | None:
+        """The adapter layers the run's final adapter consists of, if not the model's own (see save_adapter)."""
+        return None
 
     def describe(self) -> str:
         return self.name + "".join(f":{k}={v}" for k, v in self.settings.items())

@@ -26,6 +26,7 @@ from ..persist import save_adapter
 from . import rng as train_rng
 
 PREFIX = "step-"
+PROCEDURE_TENSORS = "procedure.safetensors"
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -47,6 +48,7 @@ def save_checkpoint(
     *,
     rng_states: list[dict] | None = None,
     optimizer_state: dict | None = None,
+    procedure_tensors: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` of `model` (an unsharded view of the adapter) and return its directory.
 
@@ -68,6 +70,9 @@ def save_checkpoint(
             rng_tensors[f"rank{rank}.torch"] = states["torch"]
             rng_tensors.update({f"rank{rank}.cuda.{i}": s for i, s in enumerate(states.get("cuda", []))})
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        if procedure_tensors:  # a training procedure's tensors (Chain of LoRA's finished links)
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in procedure_tensors.items()}
+            save_file(tensors, str(tmp / PROCEDURE_TENSORS))
         state = {
             "step": step,
             "processes": len(rng_states),
@@ -99,6 +104,8 @@ def load_checkpoint(path: Path, optimizer, scheduler, *, rank: int = 0, processe
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
+        procedure_file = path / PROCEDURE_TENSORS
+        state["procedure_tensors"] = load_file(str(procedure_file)) if procedure_file.is_file() else {}
     except (OSError, ValueError, Exception) as exc:  # a damaged checkpoint must not crash with a traceback
         raise LorakitError(
             f"checkpoint {path} is unreadable ({str(exc)[:200]}); delete it to resume from an older one"

@@ -181,6 +181,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         eval_examples = _pad_for_processes(eval_examples, world)
     optimizer = _make_optimizer(cfg, model)
     procedure = _make_procedure(cfg)
+    if procedure is not None:
+        procedure.check_model(model)
     scheduler = get_scheduler(
         SCHEDULER_NAMES[cfg.schedule], optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps
     )
@@ -191,7 +193,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         state = load_checkpoint(resume_from, optimizer, scheduler, rank=rank, processes=world)
         start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         if procedure is not None:
-            procedure.load_state_dict(state.get("procedure") or {})
+            procedure.load_state_dict(state.get("procedure") or {}, state["procedure_tensors"], model)
     model, optimizer = runtime.prepare(model, optimizer)
     moment = TrainingState(runtime.unwrap(model), optimizer, scheduler, start_step, cfg.steps, cfg.seed, rank, world)
     if procedure is not None:
@@ -267,10 +269,9 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and not is_last:
-                extra = {"elapsed_s": record["elapsed_s"]}
-                if procedure is not None:
-                    extra["procedure"] = procedure.state_dict()
-                saved = _save_checkpoint(runtime, out, model, optimizer, scheduler, step + 1, extra, cfg)
+                saved = _save_checkpoint(
+                    runtime, out, model, optimizer, scheduler, step + 1, {"elapsed_s": record["elapsed_s"]}, cfg, procedure
+                )
                 last_checkpoint = saved or last_checkpoint
     finally:
         bar.close()
@@ -282,8 +283,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     local_base = runtime.gather_object(local_base_elements(model))
     summary = {}
     with runtime.full_adapter(model) as full:  # a collective under FSDP: every process gathers, process 0 writes
-        if main:
-            adapter_dir = save_adapter(full, out / "adapter")
+        if main:  # a procedure may save other layers (Chain of LoRA: all links as one LoRA)
+            adapter_dir = save_adapter(full, out / "adapter", layers=procedure and procedure.layers_to_save(full))
     if main:
         summary = {
             "method": cfg.method,
@@ -333,7 +334,7 @@ def _make_procedure(cfg: TrainConfig):
     return PROCEDURES[name](options)
 
 
-def _save_checkpoint(runtime, out, model, optimizer, scheduler, step, extra, cfg) -> Path | None:
+def _save_checkpoint(runtime, out, model, optimizer, scheduler, step, extra, cfg, procedure) -> Path | None:
     """Every process takes part (RNG states and, under FSDP, full tensors are gathered); process 0 writes."""
     runtime.wait_for_everyone()
     rng_states = runtime.gather_object(train_rng.capture())
@@ -347,10 +348,11 @@ def _save_checkpoint(runtime, out, model, optimizer, scheduler, step, extra, cfg
                 optimizer,
                 scheduler,
                 step,
-                extra,
+                {**extra, "procedure": procedure.state_dict()} if procedure is not None else extra,
                 cfg.keep_checkpoints,
                 rng_states=rng_states,
                 optimizer_state=optimizer_state,
+                procedure_tensors=procedure.state_tensors(full) if procedure is not None else None,
             )
     runtime.wait_for_everyone()
     return saved

@@ -1,0 +1,153 @@
+"""Chain of LoRA (COLA): Xia et al., "Chain of LoRA: Efficient Fine-tuning of Language Models via Residual
+Learning", arXiv:2401.04151.
+
+Training is split into `links` equal segments. At each knot between two links (paper, Algorithm 1: "tie a knot",
+then "extend the chain"):
+
+1. the finished link's update s·B_j·A_j is folded into the model;
+2. a fresh adapter of the same method and rank starts (its own init, drawn with seed + j: B = 0, so the model's
+   output does not jump);
+3. the optimizer state is reset, including Adam's step count (the paper re-initialises the optimisation for each
+   link).
+
+Folding. The paper merges ΔW into W. lorakit keeps finished links instead as frozen low-rank factors beside W,
+concatenated per module: (A_chain, B_chain) of rank Σ r_j, computed as one extra low-rank product (the layer's
+`frozen_links`). Merging into W would round W + ΔW to the base dtype, and in bf16 that loses most of a small ΔW;
+the frozen factors are exact in every dtype, the base weight is never written, and the result reproduces in
+`lorakit eval`. The cost is r·(in + out) more multiply-adds per token and link, and as many frozen floats.
+
+Learning rate at a knot (the paper does not say; our choice, option `schedule`): "continue" (default) keeps
+the global schedule running across links; "rewarm" also ramps the rate linearly from 0 over `rewarm_steps`
+steps after each knot.
+
+The final adapter is relative to the ORIGINAL base: every link's exact LoRA form (`export_factors`) and the last
+link, concatenated into one plain LoRA of rank Σ r_j (alpha = rank, so its scale is 1 and s is folded into B). It
+loads onto the original base with the strict check, and exports to PEFT as any LoRA. Works with every method whose
+update is low rank, per layer and of one rank in every layer (LoRA, OLoRA (rank 2r per link), LoRA-Mini,
+LoRA-XS, MELoRA, PRoLoRA); MoRA (rank r̂ differs per module; `rope` is not low rank) and LoRTA (one tensor shared
+by all layers) are refused. For LoRA-Mini the
+file therefore holds dense rank-r factors, not the compact inner matrices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import AdapterConfig
+from ..errors import ConfigError
+from ..inject import adapter_layers, shared_parameters
+from ..methods.lora import LoraLayer
+from ..options import Option
+from . import register_procedure
+from .base import Procedure, TrainingState
+
+
+def chained_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, s·B) of the finished links and the current one, concatenated along the rank."""
+    # copies: export_factors may return views of the trained parameters, which the next link re-initialises
+    a, b = (t.detach().to(layer.factor_dtype, copy=True) for t in layer.export_factors())
+    b = b * layer.scale
+    if layer.frozen_links is not None:
+        a = torch.cat([layer.frozen_links[0], a])
+        b = torch.cat([layer.frozen_links[1], b], dim=1)
+    return a.contiguous(), b.contiguous()
+
+
+@register_procedure
+class ChainOfLora(Procedure):
+    name = "cola"
+    options = {
+        "links": Option(3, int, "segments of training, each with a fresh adapter", minimum=1),
+        "schedule": Option("continue", str, "learning rate at a knot: continue, or rewarm", ("continue", "rewarm")),
+        "rewarm_steps": Option(10, int, "steps of the linear re-warm-up after each knot (schedule=rewarm)", minimum=1),
+    }
+
+    def __init__(self, options: dict):
+        super().__init__(options)
+        self.link = 0  # finished links
+        self.knot_step = 0  # the optimizer step at which the current link began
+
+    def knots(self, total_steps: int) -> list[int]:
+        """Steps after which a link ends: equal segments of the run."""
+        links = self.settings["links"]
+        return sorted({round(total_steps * j / links) for j in range(1, links)} - {0, total_steps})
+
+    def check_model(self, model) -> None:
+        if shared_parameters(model) is not None:
+            raise ConfigError("--procedure cola cannot chain lorta (one tensor shared by all layers); use another method")
+        for name, layer in adapter_layers(model):
+            if layer.method == "mora":
+                raise ConfigError(
+                    "--procedure cola cannot chain mora: its rank differs per module (r̂ from in + out); use "
+                    "another method"
+                )
+            if layer.export_factors() is None:
+                raise ConfigError(
+                    f"--procedure cola needs a low-rank update per layer, but {layer.method} on {name} is not low "
+                    "rank; use a low-rank method (e.g. mora with --option kind=sharing)"
+                )
+
+    def after_optimizer_step(self, state: TrainingState) -> None:
+        done = state.step + 1
+        if done in self.knots(state.total_steps):
+            self.tie_knot(state, done)
+        elif self.settings["schedule"] == "rewarm" and self.link > 0:
+            self.rewarm(state, done)
+
+    @torch.no_grad()
+    def tie_knot(self, state: TrainingState, done: int) -> None:
+        self.link += 1
+        self.knot_step = done
+        for _, layer in adapter_layers(state.model):
+            layer.frozen_links = chained_factors(layer)
+            original = layer.config
+            layer.config = dataclasses.replace(original, seed=original.seed + self.link)  # a fresh draw per link
+            try:
+                layer.initialize()
+            finally:
+                layer.config = original
+        state.optimizer.state.clear()  # Adam's moments and step count start again
+        if self.settings["schedule"] == "rewarm":
+            self.rewarm(state, done)
+
+    def rewarm(self, state: TrainingState, done: int) -> None:
+        """Scale the next step's rate (just set by the scheduler) by the re-warm-up factor."""
+        since = done - self.knot_step
+        if since < self.settings["rewarm_steps"]:
+            for group in state.optimizer.param_groups:
+                group["lr"] *= (since + 1) / (self.settings["rewarm_steps"] + 1)
+
+    def state_dict(self) -> dict:
+        return {"link": self.link, "knot_step": self.knot_step}
+
+    def state_tensors(self, model) -> dict:
+        tensors = {}
+        for name, layer in adapter_layers(model):
+            if layer.frozen_links is not None:
+                tensors[f"{name}.A"], tensors[f"{name}.B"] = layer.frozen_links
+        return tensors
+
+    def load_state_dict(self, state: dict, tensors: dict, model) -> None:
+        self.link, self.knot_step = state.get("link", 0), state.get("knot_step", 0)
+        for name, layer in adapter_layers(model):
+            if f"{name}.A" in tensors:
+                device = layer.base_layer.weight.device
+                layer.frozen_links = tuple(
+                    tensors[f"{name}.{key}"].to(device=device, dtype=layer.factor_dtype) for key in ("A", "B")
+                )
+
+    def layers_to_save(self, model) -> dict:
+        """Every link and the current one as one plain LoRA per module (scale 1), relative to the original base."""
+        result = {}
+        for name, layer in adapter_layers(model):
+            a, b = chained_factors(layer)
+            rank = a.shape[0]
+            config = AdapterConfig(method="lora", r=rank, alpha=rank, targets=[name], seed=layer.config.seed)
+            lora = LoraLayer(layer.base_layer, config, name, initialize=False, fingerprint=layer.base_fingerprint)
+            with torch.no_grad():
+                lora.A.copy_(a)
+                lora.B.copy_(b)
+            result[name] = lora
+        return result

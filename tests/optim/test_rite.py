@@ -1,0 +1,419 @@
+"""LoRA-RITE (lorakit.optim.LoraRite): invariance to the factorization (and AdamW's lack of it, so the test can
+fail), training, refusals, the weight-decay warning, skipping / clipping / non-finite gradients, the optional
+escaped mass and update cap, bf16 bases, batched == per-factor, exact resume (also through the checkpoint format),
+LR schedulers, and no host syncs in the step."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import VOCAB, make_config, perturb_adapters, tiny_llama
+from safetensors.torch import load_file, save_file
+from transformers import get_scheduler
+
+import lorakit
+from lorakit import ConfigError
+from lorakit.optim import LoraRite
+from lorakit.training.checkpoint import _flatten_optimizer, _unflatten_optimizer
+
+
+def pairs(model):
+    """(name, A, B) of each adapter layer: (A, B), or LoRA-Mini's (A_in, B_in)."""
+    found = []
+    for name, layer in lorakit.adapter_layers(model):
+        params = layer.trainable_parameters()
+        a, b = ("A_in", "B_in") if "A_in" in params else ("A", "B")
+        found.append((name, params[a], params[b]))
+    return found
+
+
+def products(model) -> dict[str, torch.Tensor]:
+    """Each layer's trained product B·A, in float64."""
+    return {name: b.detach().double() @ a.detach().double() for name, a, b in pairs(model)}
+
+
+def refactor(model, seed: int = 3) -> None:
+    """(A, B) -> (S⁻¹A, B·S) in every layer, S a random r×r matrix with singular values in [0.5, 2]."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, a, b in pairs(model):
+            r = a.shape[0]
+            u, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
+            v, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
+            s = u @ torch.diag(torch.linspace(0.5, 2.0, r, dtype=torch.float64)) @ v
+            a.copy_(torch.linalg.solve(s, a.double()).to(a.dtype))
+            b.copy_((b.double() @ s).to(b.dtype))
+
+
+def batches(count: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, 9), generator=gen) for _ in range(count)]
+
+
+def loss_of(model, ids):
+    return model(ids, labels=ids).loss
+
+
+def train(model, optimizer, data, scheduler=None) -> list[float]:
+    losses = []
+    for ids in data:
+        loss = loss_of(model, ids)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def adamw(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+
+
+def adapted(variant: str = "lora", perturb: bool = True, seed: int = 0, **config):
+    model = lorakit.adapt(tiny_llama(seed), make_config(variant, **config))
+    if perturb:
+        perturb_adapters(model)
+    return model
+
+
+def max_relative_difference(variant, perturb, make_optimizer, steps=5) -> float:
+    base = adapted(variant, perturb)
+    other = copy.deepcopy(base)
+    refactor(other)
+    before = products(base)
+    assert all(
+        torch.allclose(before[n], p, rtol=1e-5, atol=1e-7) for n, p in products(other).items()
+    )  # the same ΔW, factored differently
+    one, two = copy.deepcopy(base), copy.deepcopy(other)
+    data = batches(steps)
+    train(one, make_optimizer(one), data)
+    train(two, make_optimizer(two), data)
+    after_one, after_two = products(one), products(two)
+    for name in after_one:  # the factors really moved
+        assert (after_one[name] - before[name]).norm() > 1e-3 * after_one[name].norm(), name
+    return max(((after_one[n] - after_two[n]).norm() / after_one[n].norm()).item() for n in after_one)
+
+
+CASES = [
+    ("lora", True),  # B perturbed non-zero, so S matters for B too
+    ("lora", False),  # the standard init, B = 0
+    ("olora", False),  # ΔW = BA − B0A0, B starts as the weight's basis
+    ("mini-orthonormal", True),  # LoRA-Mini's inner pair (A_in, B_in)
+    ("mini-orthonormal", False),
+]
+
+
+# ----------------------------------------------------------------- what makes it RITE
+@pytest.mark.parametrize("variant, perturb", CASES)
+def test_update_does_not_depend_on_the_factorization(variant, perturb):
+    assert max_relative_difference(variant, perturb, lambda m: LoraRite(m, lr=1e-2)) <= 1e-4
+
+
+@pytest.mark.parametrize("variant, perturb", CASES)
+def test_adamw_update_depends_on_the_factorization(variant, perturb):
+    """The same check fails for AdamW: the invariance test can fail."""
+    assert max_relative_difference(variant, perturb, adamw) >= 1e-2
+
+
+def test_invariant_with_both_options_on():
+    make = lambda m: LoraRite(m, lr=1e-2, escaped_mass=True, update_cap=0.05)  # noqa: E731
+    assert max_relative_difference("lora", True, make) <= 1e-4
+
+
+def test_loss_decreases():
+    model = adapted("lora", perturb=False)
+    ids = batches(1)[0]
+    losses = train(model, LoraRite(model, lr=1e-2), [ids] * 20)
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(later <= earlier + 1e-3 for earlier, later in zip(losses, losses[1:]))
+
+
+@pytest.mark.parametrize("variant", ["olora", "mini-orthonormal", "mini-normal", "mini-qr"])
+def test_other_pair_methods_train(variant):
+    model = adapted(variant, perturb=False)
+    ids = batches(1)[0]
+    lr = 1e-4 if variant == "mini-normal" else 1e-2
+    losses = train(model, LoraRite(model, lr=lr), [ids] * 10)
+    assert losses[-1] < losses[0]
+
+
+def test_state_layout():
+    model = adapted()
+    optimizer = LoraRite(model)
+    train(model, optimizer, batches(1))
+    assert len(optimizer.param_groups) == len(pairs(model))
+    for group, (name, a, b) in zip(optimizer.param_groups, pairs(model)):
+        assert group["name"] == name and group["params"][0] is a and group["params"][1] is b
+        for p in (a, b):
+            state = optimizer.state[p]
+            assert set(state) == {"step", "exp_avg", "exp_avg_sq", "basis", "escaped"}
+            assert state["exp_avg"].shape == p.shape == state["basis"].shape
+            assert state["exp_avg_sq"].shape == (4, 4) and state["escaped"].shape == () and state["step"].item() == 1
+            torch.testing.assert_close(state["exp_avg_sq"], state["exp_avg_sq"].T)
+
+
+# ----------------------------------------------------------------- refusals and warnings
+@pytest.mark.parametrize(
+    "variant, config",
+    [
+        ("mora", {}),
+        ("loraxs", {}),
+        ("lorta", {}),
+        ("melora", {"extra": {"blocks": 2}}),
+        ("prolora", {}),
+    ],
+)
+def test_methods_without_a_factor_pair_are_refused(variant, config):
+    model = lorakit.adapt(tiny_llama(), make_config(variant, **config))
+    with pytest.raises(ConfigError) as info:
+        LoraRite(model)
+    message = str(info.value)
+    assert "\n" not in message and repr(variant) in message and "AdamW" in message, message
+
+
+def test_other_refusals():
+    with pytest.raises(ConfigError, match="no lorakit adapters"):
+        LoraRite(tiny_llama())
+    model = adapted()
+    with pytest.raises(ConfigError, match="not a list of parameters"):
+        LoraRite([p for p in model.parameters() if p.requires_grad])
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ConfigError, match="lm_head.weight is trainable too"):
+        LoraRite(model)
+    model.lm_head.weight.requires_grad_(False)
+    for bad in (dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(betas=0.9), dict(eps=-1.0), dict(clip_norm=0)):
+        with pytest.raises(ConfigError, match=f"{next(iter(bad))}="):
+            LoraRite(model, **bad)
+    too_wide = lorakit.adapt(tiny_llama(), make_config("lora", r=40))  # r above the 32-wide hidden size
+    with pytest.raises(ConfigError, match="use r <= 32"):
+        LoraRite(too_wide)
+
+
+def test_weight_decay_warns():
+    model = adapted()
+    with pytest.warns(UserWarning, match="breaks LoRA-RITE's transformation invariance"):
+        LoraRite(model, weight_decay=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LoraRite(model)  # the default, 0, is silent
+    # and it does break the invariance
+    make = lambda m: LoraRite(m, lr=1e-2, weight_decay=0.5)  # noqa: E731
+    with pytest.warns(UserWarning):
+        assert max_relative_difference("lora", True, make) > 1e-3
+
+
+# ----------------------------------------------------------------- skipping, clipping, non-finite gradients
+def one_step_with(model, optimizer, edit) -> dict[str, torch.Tensor]:
+    """One step whose gradients are changed by edit(model) after backward; returns the parameters before it."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss_of(model, batches(1)[0]).backward()
+    edit(model)
+    optimizer.step()
+    optimizer.zero_grad()
+    return before
+
+
+def test_huge_unmagnified_gradient_is_skipped():
+    model = adapted()
+    optimizer = LoraRite(model, lr=1e-2)
+    name, a, b = pairs(model)[3]
+
+    def huge(m):
+        a.grad.mul_(1e6)
+
+    before = one_step_with(model, optimizer, huge)
+    after = dict(model.named_parameters())
+    assert torch.equal(after[f"{name}.A"], before[f"{name}.A"])  # skipped: no momentum yet, so no move
+    assert not torch.equal(after[f"{name}.B"], before[f"{name}.B"])  # its partner was not
+    assert sum(not torch.equal(after[n], p) for n, p in before.items()) == len(before) - 1
+    # skipping off: the clip (global norm 1) still keeps the step bounded
+    model = adapted()
+    optimizer = LoraRite(model, lr=1e-2, skip_rms=None)
+    before = one_step_with(model, optimizer, lambda m: [p.grad.mul_(1e6) for _, x, y in pairs(m) for p in (x, y)])
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.isfinite(p).all() and not torch.equal(p, before[n])
+
+
+def test_global_norm_of_unmagnified_gradients_is_clipped():
+    """At the first step V̄ = ḡᵀḡ / n, so Σ n·trace(V̄) is the squared global norm after clipping."""
+
+    def squared_norm(clip_norm, factor):
+        model = adapted()
+        optimizer = LoraRite(model, lr=1e-3, skip_rms=None, clip_norm=clip_norm)
+        one_step_with(model, optimizer, lambda m: [p.grad.mul_(factor) for _, x, y in pairs(m) for p in (x, y)])
+        total = 0.0
+        for _, a, b in pairs(model):
+            for p, n in ((a, a.shape[1]), (b, b.shape[0])):
+                total += n * optimizer.state[p]["exp_avg_sq"].trace().item()
+        return total
+
+    unclipped = squared_norm(None, 1e3)
+    assert unclipped > 100
+    assert squared_norm(1.0, 1e3) == pytest.approx(1.0, rel=1e-4)
+    assert squared_norm(0.5, 1e3) == pytest.approx(0.25, rel=1e-4)
+    assert squared_norm(1e6, 1e3) == pytest.approx(unclipped, rel=1e-4)  # under the limit: untouched
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_skips_the_update(bad):
+    model = adapted()
+    optimizer = LoraRite(model, lr=1e-2)
+    train(model, optimizer, batches(2))  # with momentum, a skipped factor still moves (finitely)
+    name, a, b = pairs(model)[5]
+
+    def poison(m):
+        a.grad[0, 0] = bad
+        b.grad.fill_(bad)
+
+    one_step_with(model, optimizer, poison)
+    train(model, optimizer, batches(2, seed=1))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for state in optimizer.state.values():
+        assert all(torch.isfinite(v).all() for v in state.values())
+    # a NaN at the very first step (no momentum): the factors it reaches do not move
+    model = adapted()
+    optimizer = LoraRite(model, lr=1e-2)
+    before = one_step_with(model, optimizer, lambda m: [p.grad.fill_(bad) for _, x, y in pairs(m) for p in (x, y)])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+# ----------------------------------------------------------------- options
+def trained_products(steps=8, **options):
+    model = adapted()
+    optimizer = LoraRite(model, lr=3e-2, **options)
+    train(model, optimizer, batches(steps))
+    return optimizer, products(model)
+
+
+def test_escaped_mass_and_update_cap_change_the_result():
+    start = products(adapted())
+    plain_optimizer, plain = trained_products()
+    assert all(s["escaped"].item() == 0 for s in plain_optimizer.state.values())  # ρ is off by default
+    optimizer, escaped = trained_products(escaped_mass=True)
+    rho = torch.stack([s["escaped"] for s in optimizer.state.values()])
+    assert (rho >= 0).all() and (rho > 0).any()
+    assert any(not torch.equal(plain[n], escaped[n]) for n in plain)
+    _, capped = trained_products(update_cap=1e-3)
+    moved = lambda result: sum((result[n] - start[n]).norm() for n in start)  # noqa: E731
+    assert moved(capped) < 0.5 * moved(plain)  # a tight cap shortens the steps
+
+
+def test_bf16_base():
+    model = lorakit.adapt(tiny_llama().to(torch.bfloat16), make_config("lora"))
+    assert all(p.dtype == torch.float32 for _, a, b in pairs(model) for p in (a, b))
+    optimizer = LoraRite(model, lr=1e-2)
+    ids = batches(1)[0]
+    losses = train(model, optimizer, [ids] * 10)
+    assert losses[-1] < losses[0]
+    for state in optimizer.state.values():
+        assert all(v.dtype == torch.float32 for v in state.values())
+
+
+def test_batched_matches_per_factor():
+    one, two = adapted(), adapted()
+    data = batches(4)
+    train(one, LoraRite(one, lr=1e-2, escaped_mass=True), data)
+    train(two, LoraRite(two, lr=1e-2, escaped_mass=True, batched=False), data)
+    for (name, a1, b1), (_, a2, b2) in zip(pairs(one), pairs(two)):
+        torch.testing.assert_close(a1, a2, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_per_group_learning_rate():
+    model = adapted()
+    optimizer = LoraRite(model, lr=1e-2)
+    optimizer.param_groups[0]["lr"] = 0.0
+    (_, a, b), (_, a1, _) = pairs(model)[:2]
+    frozen = a.detach().clone(), b.detach().clone(), a1.detach().clone()
+    train(model, optimizer, batches(2))
+    assert torch.equal(a, frozen[0]) and torch.equal(b, frozen[1])
+    assert not torch.equal(a1, frozen[2])
+
+
+# ----------------------------------------------------------------- resume, checkpoints, schedulers
+def resume(state_dict_transfer, options=None):
+    """6 uninterrupted steps vs 3 steps, state dict moved by `state_dict_transfer`, 3 more on fresh objects."""
+    options = options or dict(lr=1e-2, escaped_mass=True)
+    data = batches(6)
+    straight = adapted()
+    train(straight, LoraRite(straight, **options), data)
+
+    first = adapted()
+    optimizer = LoraRite(first, **options)
+    train(first, optimizer, data[:3])
+    saved = state_dict_transfer(optimizer.state_dict())
+    adapter = {n: p.detach().clone() for n, p in first.named_parameters() if p.requires_grad}
+    del first, optimizer
+
+    second = adapted(seed=0)
+    second.load_state_dict(adapter, strict=False)
+    optimizer = LoraRite(second, **options)
+    optimizer.load_state_dict(saved)
+    train(second, optimizer, data[3:])
+    for (name, a1, b1), (_, a2, b2) in zip(pairs(straight), pairs(second)):
+        assert torch.equal(a1, a2) and torch.equal(b1, b2), name
+
+
+def test_resume_is_exact():
+    resume(copy.deepcopy)
+
+
+def test_resume_through_the_checkpoint_format(tmp_path):
+    def through_checkpoint(state_dict):
+        tensors, groups = _flatten_optimizer(state_dict)
+        for values in state_dict["state"].values():  # plain tensors only: nothing the flattening must guess
+            assert all(type(v) is torch.Tensor for v in values.values())
+        save_file(tensors, str(tmp_path / "optimizer.safetensors"))
+        groups = json.loads(json.dumps(groups))
+        return _unflatten_optimizer(load_file(str(tmp_path / "optimizer.safetensors")), groups)
+
+    resume(through_checkpoint)
+    resume(through_checkpoint, dict(lr=1e-2, update_cap=0.1, clip_norm=None, weight_decay=0.0))
+
+
+def test_cosine_scheduler_sets_the_learning_rate():
+    model = adapted()
+    optimizer = LoraRite(model, lr=1e-2)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=10)
+    assert all(group["lr"] == 0.0 for group in optimizer.param_groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(model, optimizer, batches(1), scheduler)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # lr 0: no move
+    assert all(group["lr"] == pytest.approx(5e-3) for group in optimizer.param_groups)
+    losses = train(model, optimizer, [batches(1)[0]] * 8, scheduler)
+    assert losses[-1] < losses[0]
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-2 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 8 * 7))))
+
+
+def test_step_reads_no_tensor_value_on_the_host(monkeypatch):
+    """No Python branch on a tensor (a host sync on an accelerator) anywhere in step()."""
+    model = adapted()
+    optimizer = LoraRite(model, lr=1e-2, escaped_mass=True, update_cap=0.1, weight_decay=0.0)
+    for ids in batches(2):
+        loss_of(model, ids).backward()
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("step() read a tensor value on the host")
+
+        with monkeypatch.context() as patch:
+            for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
+                patch.setattr(torch.Tensor, name, refuse)
+            optimizer.step()
+        optimizer.zero_grad()
+    assert optimizer.state[pairs(model)[0][1]]["step"].item() == 2
+
+
+def test_step_without_gradients_is_a_no_op():
+    model = adapted()
+    optimizer = LoraRite(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    assert not optimizer.state
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

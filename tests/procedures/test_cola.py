@@ -1,0 +1,102 @@
+"""Chain of LoRA (lorakit.procedures.cola): knots, fresh links, optimizer reset, the final adapter as one LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import fresh_copy, make_config, model_output, perturb_adapters, tiny_llama
+
+import lorakit
+from lorakit.models import load_model
+from lorakit.procedures.base import TrainingState
+from lorakit.procedures.cola import ChainOfLora
+from lorakit.training import TrainConfig, train
+
+
+def test_knots_split_training_into_equal_links():
+    assert ChainOfLora({"links": 3}).knots(6) == [2, 4]
+    assert ChainOfLora({"links": 3}).knots(10) == [3, 7]
+    assert ChainOfLora({"links": 1}).knots(10) == []
+    assert ChainOfLora({"links": 20}).knots(4) == [1, 2, 3]  # more links than steps: one per step
+
+
+@pytest.mark.parametrize("variant", ["lora", "olora", "mini-orthonormal", "loraxs", "melora", "prolora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_knot_keeps_the_model_and_starts_a_fresh_link(variant, dtype, inputs):
+    base = tiny_llama().to(dtype)
+    model = lorakit.adapt(fresh_copy(base), make_config(variant))
+    perturb_adapters(model)
+    original = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    params = lorakit.inject.trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model_output(model, inputs).float().square().mean().backward()
+    optimizer.step()
+    before = model_output(model, inputs)
+    cola = ChainOfLora({"links": 3})
+    cola.check_model(model)
+    cola.after_optimizer_step(TrainingState(model, optimizer, None, 1, 6, 0))  # step 2 of 6 done: a knot
+    assert cola.link == 1 and not optimizer.state  # Adam's moments and step count start again
+    torch.testing.assert_close(model_output(model, inputs), before, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+    for _, layer in lorakit.adapter_layers(model):
+        assert layer.frozen_links is not None
+        fresh = lorakit.adapt(fresh_copy(base), make_config(variant)).get_submodule(layer.name)
+        # the new link starts where a fresh adapter starts (ΔW = 0) but from another random draw
+        assert torch.allclose(layer.delta_linear(), torch.zeros_like(layer.delta_linear()), atol=1e-6)
+        if variant in ("lora", "melora", "mini-orthonormal", "prolora"):
+            drawn = [p for p in layer.trainable_parameters().values() if p.abs().sum() > 0]
+            assert drawn and not any(
+                torch.equal(p, fresh.trainable_parameters()[n])
+                for n, p in layer.trainable_parameters().items()
+                if p.abs().sum() > 0
+            )
+    # the base weights were never written
+    for key, value in model.state_dict().items():
+        if key in original:
+            assert torch.equal(value, original[key]), key
+    # merge folds the links too
+    lorakit.merge(model)
+    torch.testing.assert_close(model_output(model, inputs), before, atol=5e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(method="mora"), "cannot chain mora"),
+        (dict(method="lorta", targets=["q_proj", "k_proj", "v_proj", "o_proj"]), "cannot chain lorta"),
+    ],
+)
+def test_methods_it_cannot_chain_are_refused(settings, message):
+    model = lorakit.adapt(tiny_llama(), lorakit.AdapterConfig(r=4, **settings))
+    with pytest.raises(lorakit.ConfigError, match=message):
+        ChainOfLora({}).check_model(model)
+
+
+def test_final_adapter_is_one_lora_of_all_links_and_exports_to_peft(tiny_model_dir, instruction_file, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(instruction_file),
+        out=str(out),
+        method="olora",
+        procedure="cola:links=3",
+        steps=6,
+        batch_size=4,
+        rank=4,
+        lr=1e-2,
+        max_length=64,
+        quiet=True,
+    )
+    train(cfg)
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["method"] == "lora" and meta["config"]["r"] == 3 * 2 * 4  # 3 links of OLoRA's rank-2r form
+    adapted = lorakit.load_adapter(load_model(str(tiny_model_dir))[0], out / "adapter")  # onto the ORIGINAL base
+    lorakit.export_peft(adapted, tmp_path / "peft")
+    from transformers import AutoModelForCausalLM
+
+    exported = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "peft")
+    ids = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
