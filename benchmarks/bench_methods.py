@@ -113,9 +113,8 @@ def merged_inference(repeats: int = 5) -> dict:
     models = {"base": base}
     for label in CONFIGS:
         model = lorakit.adapt(smollm2(), config(label))
-        for _, layer in lorakit.adapter_layers(model):  # a trained-looking adapter, then merged
-            for param in layer.trainable_parameters().values():
-                param.normal_(0, 1e-3)
+        for param in lorakit.inject.trainable_parameters(model):  # a trained-looking adapter (LoRTA's shared
+            param.normal_(0, 1e-3)  # tensors included), then merged
         models[label] = lorakit.merge(model).eval()
     times = {label: [] for label in models}
     for _ in range(repeats + 1):

@@ -71,7 +71,7 @@ UNSUPPORTED = {("lorta", "gpt2"), ("lorta", "bert")}
 # Every method, every LoRA-Mini outer-matrix variant: the contract suite runs over all of them.
 VARIANTS = {name: dict(method=name, **METHOD_SETTINGS.get(name, {})) for name in lorakit.METHODS if name != "mini"} | {
     f"mini-{outer}": dict(method="mini", mini_outer=outer) for outer in ("orthonormal", "normal", "qr")
-}
+} | {"mora-sharing": dict(method="mora", extra={"kind": "sharing"})}
 
 
 def make_config(variant: str, **overrides) -> lorakit.AdapterConfig:

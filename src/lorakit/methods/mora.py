@@ -22,7 +22,7 @@ x[:pad]; taking i mod in also covers r̂ > in, where their `view` fails), and cu
 
 MoRA has no scale: alpha and rslora are ignored (the authors fix scaling at 1.0; their README: "MoRA does not use
 lora_alpha"). The forward never builds ΔW and uses no gathers (index_select and its scatter backward were the
-slowest part on CPU): the padded x is a view of x, or x concatenated with its own head; "rope" folds the rotation
+slowest part on CPU): the padded x is a view of x, or x concatenated with itself as often as needed; "rope" folds the rotation
 into n per-chunk matrices M·R_c (n·r̂² work, so no rotated copy of the activations is made or kept for backward)
 applied in one batched GEMM, "sharing" sums the chunks and applies M in one GEMM; the output is a slice or a
 repeat. The cos/sin tables are non-persistent buffers: nothing but M is stored. Merge pushes the identity through

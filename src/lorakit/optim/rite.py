@@ -22,7 +22,10 @@ X with partner Y (A↔B), every step, all with the partner's magnitude removed (
 uses the gradient alone and no separate bias correction is needed. Why it is invariant: with (S⁻¹A, B·S) the bases
 become U·O for an orthogonal O, ḡ → ḡO, V̄ → OᵀV̄O, S̄ → S̄O, M̄ → M̄O, and M̄R⁺ᵀ moves the factors by exactly the S
 that relates them, so the two runs keep ΔW equal. The global norm, the RMS tests and the eigenvalues are rotation
-invariant; decoupled weight decay on the factors is not (hence the warning).
+invariant. Decoupled weight decay multiplies A and B by the same scalar 1 − lr·wd, which commutes with S, so it keeps
+the invariance too (the tests check it); what it does is decay ΔW by (1 − lr·wd)² per step, about twice the rate
+the same weight_decay gives a full weight, and the paper's and authors' recipes use none: hence a warning. (An L2
+gradient wd·F fed through the preconditioner would break the invariance; it is not offered.)
 
 Pairs: every adapter layer's trained (A, B) — LoRA, OLoRA (ΔW = BA − B0A0 with B0A0 frozen) — and LoRA-Mini's
 (A_in, B_in): ΔW = B_out (B_in A_in) A_out, and the inner product Z = B_in·A_in is itself a rank-r LoRA in the
@@ -195,8 +198,9 @@ class LoraRite(torch.optim.Optimizer):
     betas: decays of the first and second moment. eps: added to √λ of the second moment (the authors' 1e-6).
     clip_norm: global norm of the unmagnified gradients (None: off). skip_rms: zero a factor's unmagnified gradient
     whose RMS exceeds it, or that is not finite (None: off). update_cap: cap the RMS of each factor's step before
-    its magnitude is restored (None: off). escaped_mass: the paper's ρ term. weight_decay: decoupled, on the
-    factors; > 0 breaks invariance (warned). batched=False runs every factor on its own (a reference path).
+    its magnitude is restored (None: off). escaped_mass: the paper's ρ term. weight_decay: decoupled, on both
+    factors, so ΔW decays by (1 − lr·wd)² per step (warned; the recipes use 0). batched=False runs every factor on
+    its own (a reference path for tests).
     """
 
     def __init__(
@@ -234,8 +238,9 @@ class LoraRite(torch.optim.Optimizer):
         groups = [{"params": [a, b], "name": name} for name, a, b in factor_pairs(model)]
         if weight_decay > 0:
             warnings.warn(
-                "LoraRite: weight_decay > 0 decays the factors A and B, which breaks LoRA-RITE's transformation "
-                "invariance (the update then depends on how ΔW is factored); the paper uses none",
+                f"LoraRite: weight_decay={weight_decay} shrinks both factors A and B by (1 - lr*weight_decay) every "
+                f"step, so ΔW = B·A decays by its square, about twice what the same AdamW weight_decay does to a full "
+                f"weight; LoRA-RITE's recipes (paper, authors' code) use weight_decay=0",
                 UserWarning,
                 stacklevel=2,
             )
