@@ -11,6 +11,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_inference  # noqa: E402
+import bench_loraxs_init  # noqa: E402
+import bench_methods  # noqa: E402
 import bench_olora_init  # noqa: E402
 import bench_train_step  # noqa: E402
 from common import machine  # noqa: E402
@@ -38,6 +40,8 @@ def main() -> None:
         ("peak_memory", bench_train_step.peak_memory),
         ("inference", lambda: bench_inference.forward_times(repeats=11)),
         ("adapter_files", bench_inference.adapter_bytes),
+        ("methods", lambda: bench_methods.run(repeats=3)),
+        ("loraxs_init", bench_loraxs_init.run),
     ]
     for name, fn in steps:
         print(f"[bench] {name} ...", flush=True)
@@ -66,6 +70,12 @@ def markdown(results: dict) -> str:
         value = results[section][key]
         met = value >= goal if op == ">=" else value <= goal
         lines.append(f"| {label} | {value:.3g} | {op} {goal:g} | {'yes' if met else 'NO'} |")
+    if "methods" in results:
+        lines += ["", "Every method on SmolLM2-135M, r=16 (train step against LoRA in the same run):", ""]
+        lines.append(bench_methods.markdown(results["methods"]))
+    if "loraxs_init" in results:
+        lines += ["", "LoRA-XS init (top-r SVD at a principal angle <= 1e-4):", ""]
+        lines.append(bench_loraxs_init.markdown(results["loraxs_init"]))
     lines += [
         "",
         "Raw figures (seconds, bytes):",

@@ -13,6 +13,7 @@ from . import __version__
 from .errors import LorakitError
 from .methods import METHODS
 from .models import DEFAULT_MODEL
+from .procedures import PROCEDURES
 from .training.run_config import OPTIMIZERS, PRECISIONS, REPORTERS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -80,7 +81,8 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
             "--procedure",
             default=None,
             metavar="NAME[:key=value,...]",
-            help="a training procedure: flat (Flat-LoRA, e.g. flat:rho=0.05); see README, Training procedures",
+            help=f"a training procedure, one of: {', '.join(sorted(PROCEDURES))} (e.g. flat:rho=0.05, cola:links=3); "
+            "see README, Training procedures",
         )
         p.add_argument(
             "--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="adamw, or rite (LoRA-RITE, lorakit.optim)"

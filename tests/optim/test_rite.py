@@ -399,6 +399,19 @@ def test_groups_loaded_after_steps_are_the_ones_read():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
 
 
+def test_clearing_the_state_restarts_the_optimizer():
+    """What a procedure that re-initialises the optimisation does (Chain of LoRA: optimizer.state.clear())."""
+    model = adapted()
+    optimizer = LoraRite(model, lr=1e-2)
+    train(model, optimizer, batches(3))
+    optimizer.state.clear()
+    restarted = copy.deepcopy(model)
+    data = batches(2, seed=5)
+    train(model, optimizer, data)
+    train(restarted, LoraRite(restarted, lr=1e-2), data)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), restarted.parameters()))
+
+
 def test_cosine_scheduler_sets_the_learning_rate():
     model = adapted()
     optimizer = LoraRite(model, lr=1e-2)

@@ -21,6 +21,8 @@ VARIANTS = {
     "flat": dict(procedure="flat:rho=0.5"),  # a large ρ so that the noise visibly matters on a tiny model
     "cola": dict(procedure="cola:links=3"),  # knots after steps 2 and 4: the resume starts right after one
     "cola-rewarm-mini": dict(procedure="cola:links=2,schedule=rewarm,rewarm_steps=2", method="mini", mini_a=8, mini_b=8),
+    "increlora": dict(procedure="increlora:target_rank=2,warmup=0,interval=1,top_h=5,rewarm_steps=2"),  # grows at 1-3
+    "xgblora": dict(procedure="xgblora:rounds=3,layers=1,lam=0.01", rank=2),  # rounds start at steps 2, 4 (resume at 2)
 }
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit"]
 

@@ -32,7 +32,8 @@ How it fits lorakit (the paper attaches adapters to the picked layers only, and 
 - The regulariser is added exactly as its gradient in `after_backward`: grad += 2λ·p for each trained parameter of
   the picked layers (for LoRA the paper's A and B; for other low-rank methods their trained tensors, e.g. LoRA-XS's
   R). The loss is the token mean over the global batch and gradients are already averaged over the processes when
-  `after_backward` runs, so every process adds the same term, once per optimizer step.
+  `after_backward` runs, so every process adds the same term, once per optimizer step (times the loss scale
+  under --precision fp16, whose gradients are unscaled only in the optimizer step).
 - Folding (Eq. 8, W_t = W_{t-1} + α_t·ΔW_t) keeps the booster as exact frozen low-rank factors beside W (the
   layer's `frozen_links`, as in `lorakit.procedures.cola`): W is never written, so nothing is rounded into a bf16
   weight, and the base stays bit-identical. Every round's booster is folded, the last one too (at the final step),
@@ -50,6 +51,13 @@ The number of trainable parameters per round (the picked layers' trained tensors
 `describe()` (the run summary's "procedure") ends with it, since the loop's "trainable_parameters" counts every
 adapter layer. Works with the low-rank methods Chain of LoRA chains (LoRA, OLoRA, LoRA-Mini, LoRA-XS, MELoRA,
 PRoLoRA); MoRA, LoRTA and updates that are not low rank are refused. Not with --fsdp.
+
+Sources and defaults. No official code is public, and the paper's full text was not reachable when this was
+written: the equation, table and symbol references above (Eq. 7's λ-regularised objective, Eq. 8's merge step α_t,
+κ, K, L_s, Tables 5 and 6) are those of the abstract and the public ICLR 2025 reviews (OpenReview WkhlUyJcOJ).
+The defaults (rounds=4, layers=1, lam=1e-3, shrinkage=1) are ours, not the paper's. Note that with Adam the
+λ-gradient is normalised like the loss gradient: while B = 0 (the loss gradient of A is then 0), A shrinks by up
+to lr per step however small λ is.
 """
 
 from __future__ import annotations
@@ -99,10 +107,14 @@ class XGBLora(Procedure):
     name = "xgblora"
     options = {
         "rounds": Option(4, int, "boosting rounds T, equal segments of --steps (or give round_steps)", minimum=1),
-        "round_steps": Option(0, int, "steps per round κ (0: --steps / rounds); the last round may be shorter", minimum=0),
+        "round_steps": Option(
+            0, int, "steps per round κ (0: --steps / rounds); the last round may be shorter", minimum=0
+        ),
         "layers": Option(1, int, "transformer blocks L_s trained per round, drawn from (seed, round)", minimum=1),
         "lam": Option(1e-3, float, "λ of the regulariser λ(‖A‖² + ‖B‖²) on each round's factors", minimum=0.0),
-        "shrinkage": Option(1.0, float, "α_t: fraction of each round's booster folded in (Eq. 8)", minimum=0.0, maximum=1.0),
+        "shrinkage": Option(
+            1.0, float, "α_t: fraction of each round's booster folded in (Eq. 8)", minimum=0.0, maximum=1.0
+        ),
     }
 
     def __init__(self, options: dict):
@@ -112,7 +124,9 @@ class XGBLora(Procedure):
                 "--procedure xgblora: give rounds (equal segments of --steps) or round_steps (steps per round), not both"
             )
         if self.settings["shrinkage"] <= 0:
-            raise ConfigError("--procedure xgblora: shrinkage must be > 0 (the fraction of each booster kept); use e.g. 1")
+            raise ConfigError(
+                "--procedure xgblora: shrinkage must be > 0 (the fraction of each booster kept); use e.g. 1"
+            )
         self.round: int | None = None  # the round in progress (None: no hook has run yet)
         self.picks: set[str] | None = None  # module names that train in that round (empty after the last fold)
         self.per_round: list[int] | None = None
@@ -167,7 +181,9 @@ class XGBLora(Procedure):
 
     def trainable_per_round(self, model, seed: int, total_steps: int) -> list[int]:
         """Trainable parameters of each round's booster (the picked layers' trained tensors)."""
-        sizes = {name: sum(p.numel() for p in layer.trainable_parameters().values()) for name, layer in adapter_layers(model)}
+        sizes = {
+            name: sum(p.numel() for p in layer.trainable_parameters().values()) for name, layer in adapter_layers(model)
+        }
         return [
             sum(sizes[name] for name in self.picked_modules(model, seed, j))
             for j in range(len(self.round_starts(total_steps)))
@@ -176,7 +192,9 @@ class XGBLora(Procedure):
     # ----------------------------------------------------------------- checks
     def check_model(self, model) -> None:
         if shared_parameters(model) is not None:
-            raise ConfigError("--procedure xgblora cannot boost lorta (one tensor shared by all layers); use another method")
+            raise ConfigError(
+                "--procedure xgblora cannot boost lorta (one tensor shared by all layers); use another method"
+            )
         for name, layer in adapter_layers(model):
             if layer.method == "mora":
                 raise ConfigError(
@@ -213,7 +231,10 @@ class XGBLora(Procedure):
     def after_backward(self, state: TrainingState) -> None:
         if self.picks is None:
             self.before_step(state)
-        twice_lam = 2.0 * self.settings["lam"]
+        # under fp16 the gradients are still multiplied by the loss scale here (Accelerate unscales in step())
+        scaler = getattr(state.optimizer, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        twice_lam = 2.0 * self.settings["lam"] * scale
         for name, layer in adapter_layers(state.model):
             params = layer.trainable_parameters().values()
             if name not in self.picks:

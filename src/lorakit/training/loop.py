@@ -154,6 +154,16 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         model = load_adapter(base, resume_from) if resume_from else adapt(base, cfg.adapter_config())
     except ConfigError as exc:
         raise ConfigError(flags_in_message(str(exc))) from None
+    procedure = _make_procedure(cfg)  # its options and the model it must train are checked before anything is written
+    try:
+        if procedure is not None:
+            procedure.check_model(model)
+        if cfg.optimizer == "rite":
+            from ..optim.rite import factor_pairs
+
+            factor_pairs(model)  # refuses methods without an (A, B) pair per layer
+    except ConfigError as exc:
+        raise ConfigError(flags_in_message(str(exc))) from None
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
         layer.base_fingerprint  # noqa: B018 - make sure it is taken from the full weight, before sharding
@@ -180,9 +190,6 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     if eval_examples and runtime.strategy == "fsdp":
         eval_examples = _pad_for_processes(eval_examples, world)
     optimizer = _make_optimizer(cfg, model)
-    procedure = _make_procedure(cfg)
-    if procedure is not None:
-        procedure.check_model(model)
     scheduler = get_scheduler(
         SCHEDULER_NAMES[cfg.schedule], optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps
     )

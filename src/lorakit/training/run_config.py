@@ -93,7 +93,8 @@ class TrainConfig:
         if self.procedure is not None:
             from ..procedures import PROCEDURES, parse_procedure
 
-            name, _ = parse_procedure(self.procedure)
+            name, options = parse_procedure(self.procedure)
+            PROCEDURES[name](options)  # combinations of options are checked when the procedure is built
             if self.fsdp and not PROCEDURES[name].supports_fsdp:
                 raise ConfigError(f"--procedure {name} does not support --fsdp yet; train it without --fsdp")
         if self.fsdp and self.optimizer != "adamw":
