@@ -60,6 +60,11 @@ def test_resume_eval_and_effect(variant, tiny_model_dir, instruction_file, tmp_p
     whole, resumed, plain = tmp_path / "whole", tmp_path / "resumed", tmp_path / "plain"
     summary = train(config(tiny_model_dir, instruction_file, whole, **VARIANTS[variant]))
     assert summary["procedure"] or summary["optimizer"] != "adamw"
+    report = summary["procedure_report"]
+    if variant == "increlora":  # the saved total rank never exceeds the budget; the reserves trained beyond it
+        assert report["total_rank"] <= report["budget"] and report["trained_parameters"] > report["saved_parameters"]
+    if variant == "xgblora":
+        assert len(report["trainable_per_round"]) == 3 and min(report["trainable_per_round"]) > 0
     # it changes training: not the same adapter as plain LoRA + AdamW
     plain_summary = train(config(tiny_model_dir, instruction_file, plain))
     assert abs(plain_summary["final_eval_loss"] - summary["final_eval_loss"]) > 1e-5

@@ -21,6 +21,7 @@ from lorakit.procedures import PROCEDURES, parse_procedure
 from lorakit.procedures.base import TrainingState
 from lorakit.procedures.increlora import (
     RESERVE_E,
+    UNTRAINED,
     IncreLora,
     allocate,
     default_increment,
@@ -232,13 +233,22 @@ def test_growth_caps_a_large_increment_at_the_budget():
     assert proc.total == proc.budget == 16 and proc.done
 
 
-def test_growth_happens_after_warmup_every_interval_in_training():
+@pytest.mark.parametrize("advance", [True, False])
+def test_growth_happens_after_warmup_every_interval_in_training(advance):
     model = adapted()
-    proc = procedure(target_rank=3, warmup=2, interval=2, top_h=2)  # increment 1, budget 24
+    proc = procedure(target_rank=3, warmup=2, interval=2, top_h=2, advance=advance)  # increment 1, budget 24
     state = begin(model, proc, total=9)
     run_steps(model, proc, state, 9)
     assert [event[0] for event in proc.events] == [4, 6, 8]  # t > warmup and t % interval == 0
     assert all(sum(event[1].values()) == 2 for event in proc.events) and proc.total == 8 + 6
+    for m in proc.modules:
+        reserves = range(m.active, m.used)
+        if advance:  # reserves train ahead, activated components keep the A and B they learnt as reserves
+            assert all(m.ab_since[j] != UNTRAINED for j in reserves)
+            assert all(m.ab_since[j] < m.e_since[j] for j in range(1, m.active))
+        else:  # reserves wait (E = 0, untrained); A, B and E of an activated component join together
+            assert all(m.ab_since[j] == UNTRAINED and m.data["E"][j] == 0 for j in reserves)
+            assert all(m.ab_since[j] == m.e_since[j] for j in range(1, m.active))
 
 
 # ----------------------------------------------------------------------------------------------- reserves
@@ -472,34 +482,46 @@ DDP_SCRIPT = textwrap.dedent(
 
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), sys.argv[1]
-    for reduce in (True, False):
+
+    def batch(step, process):  # other tokens on each process
+        gen = torch.Generator().manual_seed(100 * step + process)
+        return torch.randint(32 * process, 32 * process + 32, (2, 12), generator=gen)
+
+    def run(tag, sync, processes):
         torch.manual_seed(0)
         base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2))
         model = lorakit.adapt(base, lorakit.AdapterConfig(r=6, alpha=12, targets="all-linear"))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model) if processes == 2 else model
         optimizer = torch.optim.AdamW(lorakit.inject.trainable_parameters(model), lr=1e-2, weight_decay=0.0)
-        proc = IncreLora(parse_procedure("increlora:target_rank=3,warmup=0,interval=1,top_h=2")[1])
-        proc.reduce_scores = reduce
-        state = TrainingState(model, optimizer, None, 0, 5, 0, rank, 2)
+        proc = IncreLora(parse_procedure(f"increlora:target_rank=3,warmup=0,interval=1,top_h=2,sync={sync}")[1])
+        proc.reduce_scores = tag != "local"
+        state = TrainingState(model, optimizer, None, 0, 5, 0, rank, processes)
         proc.check_model(model)
         proc.on_train_begin(state)
         for step in range(5):
             state.step = step
             proc.before_step(state)
-            gen = torch.Generator().manual_seed(100 * step + rank)
-            ids = torch.randint(32 * rank, 32 * rank + 32, (2, 12), generator=gen)  # other tokens on each process
-            ddp(ids, labels=ids).loss.backward()
+            # one process: both processes' rows (same token count, so the mean loss is the same)
+            ids = batch(step, rank) if processes == 2 else torch.cat([batch(step, 0), batch(step, 1)])
+            wrapped(ids, labels=ids).loss.backward()
             proc.after_backward(state)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             proc.after_optimizer_step(state)
-        tensors = {f"{n}.{k}": v.detach().clone() for n, l in lorakit.adapter_layers(model) for k, v in l.stored_tensors().items()}
+        tensors = {f"{n}.{k}": v.detach().clone() for n, l in lorakit.adapter_layers(model)
+                   for k, v in l.stored_tensors().items()}
         tensors.update({k: v.contiguous() for k, v in proc.state_tensors(model).items()})
-        tag = "synced" if reduce else "local"
         save_file(tensors, f"{out}/{tag}-{rank}.safetensors")
         with open(f"{out}/{tag}-{rank}.json", "w") as f:
             json.dump({"state": proc.state_dict(), "local_scores": proc.last_local_scores}, f)
+
+    run("scores", "scores", 2)
+    run("local", "scores", 2)
+    run("gradients", "gradients", 2)
+    if rank == 0:
+        run("single", "scores", 1)
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
@@ -511,16 +533,24 @@ def test_two_processes_make_the_same_growth_decisions(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     subprocess.run([*launcher, str(script), str(tmp_path)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    def read(tag, rank):
-        return load_file(str(tmp_path / f"{tag}-{rank}.safetensors")), json.loads(
-            (tmp_path / f"{tag}-{rank}.json").read_text()
-        )
+    def read(tag, rank=0):
+        tensors = load_file(str(tmp_path / f"{tag}-{rank}.safetensors"))
+        return tensors, json.loads((tmp_path / f"{tag}-{rank}.json").read_text())
 
-    (t0, s0), (t1, s1) = read("synced", 0), read("synced", 1)
+    # sync=scores (the default): the processes score their own batches, average the scores, decide alike
+    (t0, s0), (t1, s1) = read("scores", 0), read("scores", 1)
     assert s0["local_scores"] != s1["local_scores"]  # each process saw its own batch
-    assert s0["state"] == s1["state"] and len(s0["state"]["events"]) >= 3  # the same decisions, scores and ranks
+    assert s0["state"] == s1["state"] and len(s0["state"]["events"]) == 4  # the same decisions, scores and ranks
     assert all(torch.equal(t0[k], t1[k]) for k in t0)  # identical adapters, bit for bit
     # without the all-reduce the processes would decide differently and drift apart
     (l0, j0), (l1, j1) = read("local", 0), read("local", 1)
     assert j0["state"]["events"] != j1["state"]["events"]
     assert any(not torch.equal(l0[k], l1[k]) for k in l0)
+    # sync=gradients: ∂L/∂ΔW itself is averaged, so the run equals one process with both batches
+    (g0, r0), (g1, r1) = read("gradients", 0), read("gradients", 1)
+    single, reference = read("single")
+    assert r0["state"] == r1["state"] and all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert r0["state"]["events"] == reference["state"]["events"]
+    assert max((g0[k] - single[k]).abs().max().item() for k in single) <= 1e-5
+    for name, module in reference["state"]["modules"].items():
+        assert r0["state"]["modules"][name]["ipt"] == pytest.approx(module["ipt"], rel=1e-5)

@@ -1,4 +1,8 @@
-"""Read records (dicts) from JSONL / JSON / CSV / Parquet / TXT files, the built-in dataset, or a hub dataset."""
+"""Read records (dicts) from JSONL / JSON / CSV / Parquet / TXT files, the built-in datasets, or a hub dataset.
+
+Built-in datasets (generated on this machine, nothing downloaded): `stdlib-docstrings` (Python standard library),
+`manpages-summaries` (the C library / system-call manual pages of `manpages-dev`) and `uuid-pairs[:n=N,seed=S]`
+(MoRA's memorisation task; its eval split is its train split)."""
 
 from __future__ import annotations
 
@@ -8,16 +12,38 @@ import re
 from pathlib import Path
 
 from ..errors import DataError
-from . import stdlib_docstrings
+from . import manpages, stdlib_docstrings, uuid_pairs
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# name -> (loader(split, options), takes options); each has a train and an eval split
+BUILT_IN = {
+    stdlib_docstrings.NAME: (lambda split, options: stdlib_docstrings.load(split), False),
+    manpages.NAME: (lambda split, options: manpages.load(split), False),
+    uuid_pairs.NAME: (uuid_pairs.load, True),
+}
+
+
+def built_in_name(source: str | None) -> str | None:
+    """The built-in dataset `source` names ("uuid-pairs" for "uuid-pairs:n=64"), or None."""
+    if not source:
+        return None
+    name = source.partition(":")[0]
+    return name if name in BUILT_IN else None
+
+
+def _read_built_in(source: str, split: str) -> list[dict]:
+    name, _, options = source.partition(":")
+    loader, takes_options = BUILT_IN[name]
+    if options and not takes_options:
+        raise DataError(f"data {source}: {name} takes no options; pass --data {name}")
+    return loader(split, options)
 
 
 def read_records(source: str, *, split: str = "train") -> list[dict]:
     """Records of `source`; a DataError naming the file and the problem if it is missing, empty or unparsable."""
-    if source == stdlib_docstrings.NAME:
-        return stdlib_docstrings.load(split)
+    if built_in_name(source):
+        return _read_built_in(source, split)
     path = Path(source).expanduser()
     if path.suffix.lower() in DATA_SUFFIXES or path.exists():
         if path.is_dir():
@@ -36,7 +62,8 @@ def read_records(source: str, *, split: str = "train") -> list[dict]:
         return records
     if not HUB_NAME.fullmatch(source):
         raise DataError(
-            f"data {source} not found; pass a local file ({', '.join(DATA_SUFFIXES)}), a hub dataset or {stdlib_docstrings.NAME}"
+            f"data {source} not found; pass a local file ({', '.join(DATA_SUFFIXES)}), a hub dataset or a built-in "
+            f"one ({', '.join(BUILT_IN)})"
         )
     return _read_hub(source, split)
 

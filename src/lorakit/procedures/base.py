@@ -75,5 +75,9 @@ class Procedure:
         """The adapter layers the run's final adapter consists of, if not the model's own (see save_adapter)."""
         return None
 
+    def report(self) -> dict:
+        """Figures of the run for summary.json ("procedure_report"), e.g. per-module ranks."""
+        return {}
+
     def describe(self) -> str:
         return self.name + "".join(f":{k}={v}" for k, v in self.settings.items())

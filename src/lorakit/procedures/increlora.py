@@ -7,7 +7,8 @@ reaches a budget of `target_rank` × modules. Per module (components j = rank-on
 
     ΔW = (alpha / ranknum) · B · diag(E) · A                   (SVDLinear.forward: B @ (A * E) * scaling / ranknum)
 
-ranknum is the number of active components, so every growth rescales the existing ones by alpha / ranknum.
+ranknum is the number of active components, so every growth rescales the existing ones by alpha / ranknum (the
+authors divide by ranknum + 1e-5, a guard lorakit does not need: ranknum ≥ 1).
 
 - Start (`update_and_increase` at step 0, `add_reserve_param`): one active component, A, B ~ N(0, 0.02²), E = 0;
   plus `increment` reserve components ("advance learning", option `advance`, on by default): their A and B train
@@ -183,7 +184,7 @@ class _Module:
     @property
     def scale_ratio(self) -> float:
         """c / s: (alpha / ranknum) over the layer's own scale."""
-        return self.layer.config.alpha / self.layer.scale
+        return self.layer.config.alpha / max(self.active, 1) / self.layer.scale
 
     def effective(self) -> torch.Tensor:
         """The per-component factor c·E/s that the layer's B carries."""
@@ -378,8 +379,9 @@ class IncreLora(Procedure):
             for module in self.modules:
                 grad = module.delta_grad
                 if grad is None:
+                    layer = module.layer
                     grad = torch.zeros(
-                        module.layer.out_features, module.layer.in_features, device=module.layer.A.device
+                        layer.out_features, layer.in_features, device=layer.A.device, dtype=layer.factor_dtype
                     )
                 torch.distributed.all_reduce(grad)
                 module.delta_grad = grad / state.num_processes

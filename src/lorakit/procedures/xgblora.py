@@ -318,6 +318,9 @@ class XGBLora(Procedure):
             result[name] = lora
         return result
 
+    def report(self) -> dict:
+        return {"trainable_per_round": list(self.per_round or [])}
+
     def describe(self) -> str:
         text = super().describe()
         if self.per_round:

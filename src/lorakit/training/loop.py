@@ -310,6 +310,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             "processes": world,
             "strategy": runtime.strategy,
             "procedure": procedure.describe() if procedure is not None else None,
+            "procedure_report": procedure.report() if procedure is not None else None,
             "optimizer": cfg.optimizer,
             "precision": runtime.precision_details,
             "base_parameters": base_parameters,
