@@ -24,11 +24,13 @@ from ..atomic import write_json
 from ..training.checkpoint import checkpoint_dirs
 from ..training.loop import TrainingDiverged
 from ..training.run_config import TrainConfig
-from .spec import MethodSpec
+from .spec import SWEEP_FACTOR, MethodSpec, round_rate
 
 DIVERGED_EXIT = TrainingDiverged.exit_code
 DIVERGED_MARKER = "diverged.json"  # in a diverged run's directory: a resumed compare does not train it again
 ERROR_LINE = re.compile(r"lorakit(?: [a-z]+)?: ((?:internal )?error: .*)")
+MAX_EXTENSIONS = 3  # a sweep extends its grid past an end at most this many times
+EXACT_MATCH_FILE = "exact_match.json"
 
 
 def run_one(cfg: TrainConfig, label: str) -> dict:
@@ -98,11 +100,17 @@ def error_line(stderr: str, code: int) -> str:
 
 
 def read_curves(out: Path) -> dict:
+    """Train and eval loss against step, and wall time against step ("time_curve": [step, elapsed_s], with
+    [0, 0.0] for the evaluation before training) from DIR/log.jsonl."""
     log = out / "log.jsonl"
     lines = [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.is_file() else []
+    times = [[l["step"], l["elapsed_s"]] for l in lines if "elapsed_s" in l]
+    if lines and lines[0].get("step") == 0:
+        times.insert(0, [0, 0.0])
     return {
         "train_curve": [[l["step"], l["loss"]] for l in lines if "loss" in l],
         "eval_curve": [[l["step"], l["eval_loss"]] for l in lines if "eval_loss" in l],
+        "time_curve": times,
     }
 
 
@@ -122,12 +130,27 @@ def final_loss(outcome: dict) -> float | None:
 
 
 def sweep_learning_rate(
-    base: TrainConfig, spec: MethodSpec, rates: list[float], steps: int, root: Path
-) -> tuple[float, dict]:
-    """Short runs at each rate with the first seed; returns (best rate, {rate: final loss, or "diverged" /
-    "failed"}). If no rate finished, the lowest rate is used (the runs then report what happens)."""
-    losses: dict[str, float | str] = {}
-    for lr in rates:
+    base: TrainConfig,
+    spec: MethodSpec,
+    rates: list[float],
+    steps: int,
+    root: Path,
+    *,
+    max_extensions: int = MAX_EXTENSIONS,
+    factor: float = SWEEP_FACTOR,
+) -> dict:
+    """Short runs (first seed, `steps` steps) at each rate of the grid; while the best rate is at an end of the grid,
+    one more rate `factor` past that end, at most `max_extensions` times. No rate finished but some diverged: the
+    grid extends downwards the same way.
+
+    Returns {"lr": the best rate, "losses": {rate: final loss, or "diverged" / "failed"} in increasing rate order,
+    "grid": the initial grid, "extended": the rates added (in order), "at_edge": True when the limit was reached
+    with the best rate still at an end (or with no rate finished and some diverged), "finished": whether any rate
+    finished (if none did, "lr" is the lowest rate tried)}."""
+    grid = sorted(round_rate(lr) for lr in rates)
+    losses: dict[float, float | str] = {}
+
+    def run(lr: float) -> None:
         cfg = dataclasses.replace(
             base,
             **{**spec.overrides, "lr": lr},
@@ -138,9 +161,69 @@ def sweep_learning_rate(
         )
         outcome = run_one(cfg, f"{spec.label} (lr sweep)")
         loss = final_loss(outcome)
-        losses[f"{lr:g}"] = (
-            loss if loss is not None else ("failed" if outcome.get("status") == "failed" else "diverged")
-        )
-    finished = [lr for lr in rates if not isinstance(losses[f"{lr:g}"], str)]
-    best = min(finished, key=lambda lr: losses[f"{lr:g}"]) if finished else min(rates)
-    return best, losses
+        losses[lr] = loss if loss is not None else ("failed" if outcome.get("status") == "failed" else "diverged")
+
+    for lr in grid:
+        run(lr)
+    extended: list[float] = []
+    while True:
+        finished = [lr for lr in grid if not isinstance(losses[lr], str)]
+        best = min(finished, key=lambda lr: losses[lr]) if finished else None
+        if best is None:  # nothing finished: lower rates if something diverged, else (all failed) give up
+            direction = "down" if any(losses[lr] == "diverged" for lr in grid) else None
+        elif best == grid[-1]:
+            direction = "up"
+        elif best == grid[0]:
+            direction = "down"
+        else:
+            direction = None
+        if direction is None or len(extended) >= max_extensions:
+            break
+        lr = round_rate(grid[-1] * factor if direction == "up" else grid[0] / factor)
+        run(lr)
+        grid = sorted([*grid, lr])
+        extended.append(lr)
+    return {
+        "lr": best if best is not None else grid[0],
+        "losses": {f"{lr:g}": losses[lr] for lr in grid},
+        "grid": sorted(round_rate(lr) for lr in rates),
+        "extended": extended,
+        "at_edge": direction is not None,  # the limit was reached with the best rate still at an end
+        "finished": best is not None,
+    }
+
+
+def score_exact_match(cfg: TrainConfig, data: str, examples: int) -> dict:
+    """Greedy exact match of a finished run's adapter on the first `examples` records of `data` (its eval split),
+    measured by `lorakit eval --exact-match` in its own process and kept in DIR/exact_match.json (a resumed compare
+    reads it back). Returns {"exact_match", "exact_match_examples"} or, if the evaluation failed,
+    {"exact_match": None, "exact_match_error"}."""
+    out = Path(cfg.out)
+    marker = out / EXACT_MATCH_FILE
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if saved.get("data") == data and saved.get("requested") == examples:
+            return {k: saved[k] for k in ("exact_match", "exact_match_examples")}
+    command = [
+        sys.executable, "-m", "lorakit", "eval", "--model", cfg.model, "--adapter", str(out / "adapter"),
+        "--data", data, "--max-length", str(cfg.max_length), "--batch-size", str(cfg.batch_size),
+        "--limit", "1", "--exact-match", str(examples),
+    ]  # fmt: skip
+    if cfg.trust_remote_code:
+        command.append("--trust-remote-code")
+    print(f"lorakit compare: exact match of {out} on {examples} examples", flush=True)
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    result = None
+    for line in reversed(proc.stdout.splitlines()):
+        try:
+            result = json.loads(line)
+            break
+        except json.JSONDecodeError:
+            continue
+    if proc.returncode != 0 or not isinstance(result, dict) or "exact_match" not in result:
+        error = error_line(proc.stderr, proc.returncode) if proc.returncode else "no exact match (not instruction data?)"
+        print(f"lorakit compare: exact match failed: {error}", flush=True)
+        return {"exact_match": None, "exact_match_error": error}
+    scored = {"exact_match": result["exact_match"], "exact_match_examples": result["exact_match_examples"]}
+    write_json(marker, {"data": data, "requested": examples, **scored})
+    return scored

@@ -48,7 +48,11 @@ def chained_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, s·B) of the finished links and the current one, concatenated along the rank."""
     # copies: export_factors may return views of the trained parameters, which the next link re-initialises
     a, b = (t.detach().to(layer.factor_dtype, copy=True) for t in layer.export_factors())
-    b = b * layer.scale
+    return with_links(layer, a, b * layer.scale)
+
+
+def with_links(layer, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) appended to the layer's frozen links along the rank (the links first)."""
     if layer.frozen_links is not None:
         a = torch.cat([layer.frozen_links[0], a])
         b = torch.cat([layer.frozen_links[1], b], dim=1)

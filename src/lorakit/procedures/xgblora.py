@@ -76,6 +76,7 @@ from ..methods.lora import LoraLayer
 from ..options import Option
 from . import register_procedure
 from .base import Procedure, TrainingState
+from .cola import with_links
 
 
 def round_generator(seed: int, round_index: int) -> torch.Generator:
@@ -93,13 +94,6 @@ def booster_factors(layer, shrinkage: float = 1.0) -> tuple[torch.Tensor, torch.
     """(A, α·s·B) of the layer's live booster, copied (the next round re-initialises the parameters)."""
     a, b = (t.detach().to(layer.factor_dtype, copy=True) for t in layer.export_factors())
     return a, b * (layer.scale * shrinkage)
-
-
-def with_links(layer, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if layer.frozen_links is not None:
-        a = torch.cat([layer.frozen_links[0], a])
-        b = torch.cat([layer.frozen_links[1], b], dim=1)
-    return a.contiguous(), b.contiguous()
 
 
 @register_procedure
