@@ -14,6 +14,7 @@ import bench_inference  # noqa: E402
 import bench_loraxs_init  # noqa: E402
 import bench_methods  # noqa: E402
 import bench_olora_init  # noqa: E402
+import bench_rite  # noqa: E402
 import bench_train_step  # noqa: E402
 from common import machine  # noqa: E402
 
@@ -42,6 +43,7 @@ def main() -> None:
         ("adapter_files", bench_inference.adapter_bytes),
         ("methods", lambda: bench_methods.run(repeats=3)),
         ("loraxs_init", bench_loraxs_init.run),
+        ("rite", lambda: bench_rite.run(quick=False)),
     ]
     for name, fn in steps:
         print(f"[bench] {name} ...", flush=True)

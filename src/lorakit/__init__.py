@@ -1,7 +1,8 @@
-"""lorakit: parameter-efficient fine-tuning with LoRA, OLoRA and LoRA-Mini."""
+"""lorakit: parameter-efficient fine-tuning with LoRA, OLoRA, LoRA-Mini and the methods around them."""
 
 __version__ = "0.1.0"  # before the imports: persist records it in every adapter file
 
+from . import optim  # lorakit.optim.LoraRite
 from .config import AdapterConfig
 from .errors import (
     AdapterFileError,
@@ -19,6 +20,7 @@ from .persist import load_adapter, read_adapter, save_adapter
 
 __all__ = [
     "METHODS",
+    "optim",
     "AdapterConfig",
     "AdapterFileError",
     "AdapterLayer",

@@ -4,6 +4,7 @@ what cannot work is refused in one line before training."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -17,10 +18,13 @@ from lorakit import ConfigError
 from lorakit.integrations import ProcedureCallback
 from lorakit.procedures.base import Procedure
 
+# name -> (variant, procedure, AdapterConfig overrides); as in tests/procedures/test_in_training.py
 PROCEDURES = {
-    "flat": ("lora", "flat:rho=0.5"),  # a large ρ so that the noise visibly matters on a tiny model
-    "cola": ("lora", "cola:links=3"),  # knots after steps 2 and 4: the resume starts right after one
-    "cola-rewarm-mini": ("mini-orthonormal", "cola:links=2,schedule=rewarm,rewarm_steps=2"),
+    "flat": ("lora", "flat:rho=0.5", {}),  # a large ρ so that the noise visibly matters on a tiny model
+    "cola": ("lora", "cola:links=3", {}),  # knots after steps 2 and 4: the resume starts right after one
+    "cola-rewarm-mini": ("mini-orthonormal", "cola:links=2,schedule=rewarm,rewarm_steps=2", {}),
+    "increlora": ("lora", "increlora:target_rank=2,warmup=0,interval=1,top_h=5,rewarm_steps=2", {}),  # grows at 1-3
+    "xgblora": ("lora", "xgblora:rounds=3,layers=1,lam=0.01", dict(r=2)),  # rounds start at steps 2, 4
 }
 
 
@@ -72,24 +76,24 @@ def test_hooks_run_where_the_loop_runs_them(tmp_path):
 
 @pytest.mark.parametrize("name", list(PROCEDURES))
 def test_procedure_trains_saves_and_resumes_exactly(name, tmp_path):
-    variant, text = PROCEDURES[name]
+    variant, text, overrides = PROCEDURES[name]
     settings = dict(max_steps=6, save_steps=2)
 
     def run(out, resume=None):
-        model = adapted(variant)
+        model = adapted(variant, **overrides)
         train(model, out, resume=resume, callbacks=[ProcedureCallback(text)], **settings)
         return model
 
     whole = run(tmp_path / "whole")
-    plain = adapted(variant)
+    plain = adapted(variant, **overrides)
     train(plain, tmp_path / "plain", **settings)
     assert (logits(whole) - logits(plain)).abs().max() > 1e-4  # the procedure changes training
     # the final adapter is the procedure's (Chain of LoRA: every link as one LoRA) and loads onto the ORIGINAL base
     Trainer(model=whole, args=arguments(tmp_path / "unused")).save_model(str(tmp_path / "final"))
     reloaded = lorakit.load_adapter(tiny_llama(), tmp_path / "final")
     assert torch.allclose(logits(reloaded), logits(whole), atol=1e-5, rtol=0)
-    if name.startswith("cola"):
-        assert reloaded.model.layers[0].self_attn.q_proj.method == "lora"  # the chained form
+    if name != "flat":  # the procedure's final form: every link / booster / active rank as one plain LoRA
+        assert json.loads((tmp_path / "final" / "adapter.json").read_text())["method"] == "lora"
     # resume after the step-2 checkpoint as if killed there (Chain of LoRA: right after a knot)
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     for later in ("checkpoint-4", "checkpoint-6"):
@@ -143,11 +147,67 @@ def test_refusals_are_one_line_before_training(variant, procedure, words, tmp_pa
     model = adapted(variant)
     before = trained(model)
     with pytest.raises(ConfigError) as info:
-        Trainer(model=model, args=arguments(tmp_path), train_dataset=token_data(), callbacks=[ProcedureCallback(procedure)])
+        Trainer(
+            model=model, args=arguments(tmp_path), train_dataset=token_data(), callbacks=[ProcedureCallback(procedure)]
+        )
     assert words in str(info.value) and "\n" not in str(info.value)
     assert max_diff(before, trained(model)) == 0
 
 
+def test_a_procedure_refusing_the_trainers_optimizer_stops_before_the_first_step(tmp_path):
+    from lorakit.optim.rite import LoraRite
+
+    model = adapted("lora")
+    before = trained(model)
+    trainer = Trainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=token_data(),
+        optimizers=(LoraRite(model, lr=1e-2), None),
+        callbacks=[ProcedureCallback(PROCEDURES["increlora"][1])],
+    )
+    with pytest.raises(ConfigError, match="ProcedureCallback: procedure increlora trains with AdamW") as info:
+        trainer.train()
+    assert "\n" not in str(info.value) and max_diff(before, trained(model)) == 0
+
+
 def test_a_model_without_adapters_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="needs a lorakit-adapted model; call lorakit.adapt"):
-        Trainer(model=tiny_llama(), args=arguments(tmp_path), train_dataset=token_data(), callbacks=[ProcedureCallback("flat")])
+        Trainer(
+            model=tiny_llama(),
+            args=arguments(tmp_path),
+            train_dataset=token_data(),
+            callbacks=[ProcedureCallback("flat")],
+        )
+
+
+@pytest.mark.parametrize("name", list(PROCEDURES))
+def test_procedure_under_gradient_checkpointing_trains_as_without(name, tmp_path):
+    """TRL's SFTTrainer checkpoints activations by default: the recomputed forward must not change a procedure."""
+    variant, text, overrides = PROCEDURES[name]
+    results, states = [], []
+    for checkpointing in (False, True):
+        model, callback = adapted(variant, **overrides), ProcedureCallback(text)
+        base = frozen(model)
+        train(
+            model,
+            tmp_path / str(checkpointing),
+            max_steps=4,
+            save_strategy="no",
+            gradient_checkpointing=checkpointing,
+            callbacks=[callback],
+        )
+        assert model.is_gradient_checkpointing == checkpointing and max_diff(base, frozen(model)) == 0
+        results.append(logits(model))
+        states.append(_numbers(callback.procedure.state_dict()))  # e.g. IncreLoRA's importance scores
+    assert torch.allclose(results[0], results[1], atol=1e-5, rtol=0)
+    assert states[0] == pytest.approx(states[1], rel=1e-6, abs=1e-12)
+
+
+def _numbers(value) -> list:
+    """Every number in a JSON-like value, in order (a recomputed forward must not double-count anything)."""
+    if isinstance(value, dict):
+        return [x for key in sorted(value) for x in _numbers(value[key])]
+    if isinstance(value, list | tuple):
+        return [x for item in value for x in _numbers(item)]
+    return [float(value)] if isinstance(value, int | float) else []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import shutil
 
 import pytest
@@ -89,14 +90,26 @@ def test_every_checkpoint_is_an_adapter_of_its_step(tmp_path):
 def test_resume_from_checkpoint_is_exact(variant, tmp_path):
     whole = adapted(variant)
     train(whole, tmp_path / "whole", max_steps=4, gradient_accumulation_steps=2, per_device_train_batch_size=2)
-    train(adapted(variant), tmp_path / "cut", max_steps=4, save_steps=2, gradient_accumulation_steps=2,
-          per_device_train_batch_size=2)
+    train(
+        adapted(variant),
+        tmp_path / "cut",
+        max_steps=4,
+        save_steps=2,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+    )
     shutil.rmtree(tmp_path / "cut" / "checkpoint-4")  # as if killed after the step-2 checkpoint
     checkpoint = tmp_path / "cut" / "checkpoint-2"
     assert_no_base_stored(checkpoint, whole)  # so the adapter must come back from the lorakit files
     resumed = adapted(variant)
-    train(resumed, tmp_path / "cut", resume=True, max_steps=4, gradient_accumulation_steps=2,
-          per_device_train_batch_size=2)
+    train(
+        resumed,
+        tmp_path / "cut",
+        resume=True,
+        max_steps=4,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+    )
     assert max_diff(trained(whole), trained(resumed)) <= 1e-6
 
 
@@ -196,11 +209,11 @@ def test_reentrant_gradient_checkpointing_trains_every_layer(tmp_path):
 def test_hooks_follow_deepcopy_and_leave_with_unload(tmp_path):
     model = adapted("lora")
     train(model, tmp_path / "run", max_steps=1, save_strategy="no")
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        next(p for p in twin.parameters() if p.requires_grad).add_(1.0)
-    twin.save_pretrained(tmp_path / "twin")  # the copy saves ITS adapter, not the original's
-    assert torch.equal(logits(lorakit.load_adapter(tiny_llama(), tmp_path / "twin")), logits(twin))
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():
+            next(p for p in twin.parameters() if p.requires_grad).add_(1.0)
+        twin.save_pretrained(tmp_path / "twin")  # the copy saves ITS adapter, not the original's
+        assert torch.equal(logits(lorakit.load_adapter(tiny_llama(), tmp_path / "twin")), logits(twin))
     lorakit.merge_and_unload(model)  # a plain model again: transformers' own save_pretrained
     model.save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / "adapter.json").exists()

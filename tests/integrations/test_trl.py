@@ -28,7 +28,12 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sft_trl.py"
 def conversations(count: int = 16) -> list[dict]:
     return [
         {
-            "prompt": [{"role": "user", "content": f"Summarise item {i}" + ("\n\ndef add(a, b): return a + b" if i % 2 else "")}],
+            "prompt": [
+                {
+                    "role": "user",
+                    "content": f"Summarise item {i}" + ("\n\ndef add(a, b): return a + b" if i % 2 else ""),
+                }
+            ],
             "completion": [{"role": "assistant", "content": f"Return the sum {i}."}],
         }
         for i in range(count)
@@ -114,7 +119,7 @@ def test_example_fine_tunes_smollm2_with_sft_trainer(tmp_path):
     command += ["--train-examples", "8", "--eval-examples", "2", "--save-steps", "1", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    summary = json.loads([line for line in done.stdout.splitlines() if line.startswith('{"')][-1])
     assert summary["steps"] == 2 and summary["eval_loss_after"] < summary["eval_loss_before"]
     base = load_model("smollm2-135m")[0].requires_grad_(False)
     for directory in (out / "checkpoint-1", out / "checkpoint-2", out / "adapter"):

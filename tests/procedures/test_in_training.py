@@ -22,6 +22,7 @@ VARIANTS = {
     "cola": dict(procedure="cola:links=3"),  # knots after steps 2 and 4: the resume starts right after one
     "cola-rewarm-mini": dict(procedure="cola:links=2,schedule=rewarm,rewarm_steps=2", method="mini", mini_a=8, mini_b=8),
     "increlora": dict(procedure="increlora:target_rank=2,warmup=0,interval=1,top_h=5,rewarm_steps=2"),  # grows at 1-3
+    "rite": dict(optimizer="rite"),  # LoRA-RITE instead of AdamW (lorakit.optim)
     "xgblora": dict(procedure="xgblora:rounds=3,layers=1,lam=0.01", rank=2),  # rounds start at steps 2, 4 (resume at 2)
 }
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit"]
@@ -60,7 +61,7 @@ def test_resume_eval_and_effect(variant, tiny_model_dir, instruction_file, tmp_p
     whole, resumed, plain = tmp_path / "whole", tmp_path / "resumed", tmp_path / "plain"
     summary = train(config(tiny_model_dir, instruction_file, whole, **VARIANTS[variant]))
     assert summary["procedure"] or summary["optimizer"] != "adamw"
-    report = summary["procedure_report"]
+    report = summary["procedure_report"] or {}
     if variant == "increlora":  # the saved total rank never exceeds the budget; the reserves trained beyond it
         assert report["total_rank"] <= report["budget"] and report["trained_parameters"] > report["saved_parameters"]
     if variant == "xgblora":
@@ -91,5 +92,10 @@ def test_two_processes_equal_one_with_double_batch(variant, tiny_model_dir, inst
     settings = dict(steps=4, save_every=0, **VARIANTS[variant])
     two = config(tiny_model_dir, instruction_file, tmp_path / "two", batch_size=2, **settings)
     subprocess.run(TORCHRUN + ["train", *two.to_argv()], check=True)
-    train(config(tiny_model_dir, instruction_file, tmp_path / "one", batch_size=4, **settings))
-    assert max_diff(adapter_of(tmp_path / "one"), adapter_of(tmp_path / "two")) <= 1e-4
+    if variant == "rite":
+        # RITE's pseudo-inverse of the near-zero R_B amplifies rounding: one batch of 4 and 2 micro-batches of 2
+        # (the same sum, added in another order) already differ by 1.5e-4 in one process. Two processes add their
+        # halves like 2 micro-batches do, so that is the run they must equal.
+        settings["grad_accum"] = 2
+    train(config(tiny_model_dir, instruction_file, tmp_path / "one", batch_size=2 if variant == "rite" else 4, **settings))
+    assert max_diff(adapter_of(tmp_path / "one"), adapter_of(tmp_path / "two")) <= (1e-6 if variant == "rite" else 1e-4)

@@ -1,5 +1,13 @@
 """`lorakit compare`: every method × every seed with the same data order, batch, schedule and budget, then
-results.json, report.md, loss.png and params.png. Resumable per (method, seed)."""
+results.json, report.md, loss.png, params.png, pareto.png and loss_vs_time.png. Resumable per (method, seed).
+
+Learning rates: a method's `lr=` is used as given; otherwise `--lr-sweep` (a comma-separated grid for every method,
+or `auto`: each method's own grid centred on its documented rate) or the method's own `lr-sweep=a/b/c` (or
+`lr-sweep=auto`) runs a short sweep that extends its grid past an end while the best rate sits there (runner.py).
+
+Exact match (greedy answer == reference, `lorakit eval --exact-match`) is measured after each finished run for data
+whose task is recall (`uuid-pairs`: all its pairs, up to EXACT_MATCH_DEFAULT_LIMIT), or for any instruction data
+when `args.exact_match` is set (> 0)."""
 
 from __future__ import annotations
 
@@ -11,10 +19,13 @@ from pathlib import Path
 from ..atomic import prepare_directory, write_bytes, write_json
 from ..errors import ConfigError, LorakitError
 from ..training.run_config import check_writable
-from .plots import plot_loss, plot_params
+from .plots import plot_loss, plot_loss_vs_time, plot_params, plot_pareto
 from .report import markdown, status, summarise
-from .runner import run_one, sweep_learning_rate
-from .spec import parse_methods, parse_numbers
+from .runner import MAX_EXTENSIONS, run_one, score_exact_match, sweep_learning_rate
+from .spec import SWEEP_FACTOR, initial_grid, parse_methods, parse_numbers, parse_sweep
+
+EXACT_MATCH_DEFAULT_LIMIT = 256  # uuid-pairs: exact match on all pairs up to this many (greedy decoding is slow)
+PLOTS = ("loss.png", "params.png", "pareto.png", "loss_vs_time.png")
 
 # `make demo`: the default model and data, each method at a learning rate that suits it, ~10 min on 2 CPU cores.
 DEMO = dict(
@@ -47,9 +58,15 @@ def run_compare_command(args) -> int:
     seeds = parse_numbers("--seeds", args.seeds, int)
     if any(seed < 0 for seed in seeds):
         raise ConfigError(f"--seeds {args.seeds} holds a negative seed; use integers >= 0")
-    rates = parse_numbers("--lr-sweep", args.lr_sweep, float) if args.lr_sweep else None
+    global_sweep = parse_sweep("--lr-sweep", args.lr_sweep) if args.lr_sweep else None
     out = Path(args.out)
     base = train_config_from_args(args, method=specs[0].method, seed=seeds[0], out=str(out / "runs"))
+    from ..data import built_in_name, default_eval_source
+    from ..data.stdlib_docstrings import NAME as BUILT_IN_DATA
+
+    if base.eval_data is None and built_in_name(base.data) not in (None, BUILT_IN_DATA):
+        # a built-in dataset is evaluated on its own eval split (`lorakit train` does so for stdlib-docstrings only)
+        base = dataclasses.replace(base, eval_data=default_eval_source(base.data))
     if args.sweep_steps < 0:
         raise ConfigError(
             f"--sweep-steps {args.sweep_steps} is invalid; use a positive integer (0: a quarter of --steps)"
@@ -64,14 +81,14 @@ def run_compare_command(args) -> int:
             raise ConfigError(f"--methods {spec.label}: {exc}") from None
     check_writable(out)
     from ..data import read_records
-    from ..data.stdlib_docstrings import NAME as BUILT_IN_DATA
 
     for source in {base.data, base.eval_data} - {None, BUILT_IN_DATA}:
         read_records(source)  # a missing or broken file fails once here, not once per run
+    exact_match_source, exact_match_limit = _exact_match_plan(args, base)
     setting = {
         k: v for k, v in dataclasses.asdict(base).items() if k not in ("out", "seed", "method", "quiet", "resume")
     }
-    identity = {"methods": [s.label for s in specs], "lr_sweep": rates, "setting": setting}  # seeds may be added later
+    identity = {"methods": [s.label for s in specs], "lr_sweep": global_sweep, "setting": setting}  # seeds may be added later
     marker = out / "compare.json"
     if marker.is_file() and _read_identity(marker) != identity:
         raise ConfigError(
@@ -81,10 +98,13 @@ def run_compare_command(args) -> int:
     write_json(marker, identity)
 
     methods = {}
+    swept = False
     for spec in specs:
         lr, sweep = spec.overrides.get("lr", base.lr), None
-        if rates and "lr" not in spec.overrides:
-            lr, sweep = sweep_learning_rate(base, spec, rates, sweep_steps, out / "sweep")
+        grid = initial_grid(spec, global_sweep)
+        if grid is not None:
+            sweep = sweep_learning_rate(base, spec, grid, sweep_steps, out / "sweep", max_extensions=MAX_EXTENSIONS)
+            lr, swept = sweep["lr"], True
         runs = {}
         for seed in seeds:
             cfg = dataclasses.replace(
@@ -94,25 +114,40 @@ def run_compare_command(args) -> int:
                 seed=seed,
                 out=str(out / "runs" / spec.slug / f"seed-{seed}"),
             )
-            runs[str(seed)] = run_one(cfg, spec.label)
+            runs[str(seed)] = run = run_one(cfg, spec.label)
+            if exact_match_limit and status(run) == "ok":
+                run.update(score_exact_match(cfg, exact_match_source, exact_match_limit))
         methods[spec.label] = {
             "method": spec.method,
             "overrides": spec.overrides,
             "lr": lr,
-            "lr_sweep": sweep,
+            "lr_sweep": sweep and sweep["losses"],  # {rate: final loss of the short run, or "diverged" / "failed"}
             "runs": runs,
         }
+        if sweep is not None:
+            methods[spec.label].update(
+                lr_sweep_grid=sweep["grid"],
+                lr_sweep_extended=sweep["extended"],
+                lr_at_sweep_edge=sweep["at_edge"],
+                lr_sweep_finished=sweep["finished"],
+            )
 
     methods, target = summarise(methods, args.target_loss)
     has_eval = all(r["eval_curve"] for m in methods.values() for r in m["runs"].values() if status(r) == "ok")
     results = {"setting": setting, "seeds": seeds, "has_eval": has_eval, "target_loss": target, "methods": methods}
+    if swept:
+        results["sweep"] = {"steps": sweep_steps, "factor": SWEEP_FACTOR, "max_extensions": MAX_EXTENSIONS}
+    if exact_match_limit:
+        results["exact_match"] = {"data": exact_match_source, "examples": exact_match_limit}
     write_json(out / "results.json", results)
     report = markdown(results)
     write_bytes(out / "report.md", report.encode())
     plot_loss(results, out / "loss.png", log_scale=args.log_scale)
     plot_params(results, out / "params.png")
+    plot_pareto(results, out / "pareto.png")
+    plot_loss_vs_time(results, out / "loss_vs_time.png", log_scale=args.log_scale)
     print(report.split("\n![loss]")[0], file=sys.stdout)
-    print(f"\nwritten: {out / 'results.json'}, {out / 'report.md'}, {out / 'loss.png'}, {out / 'params.png'}")
+    print(f"\nwritten: {out / 'results.json'}, {out / 'report.md'}, " + ", ".join(str(out / p) for p in PLOTS))
     failed = [
         (label, seed, run)
         for label, m in methods.items()
@@ -135,6 +170,30 @@ class RunsFailed(LorakitError):
             f"reported as failed in {report}; fix the problem and run the same command again to redo them"
         )
         self.exit_code = 2 if all(run.get("exit_code") == 2 for _, _, run in failed) else 1
+
+
+def _exact_match_plan(args, base) -> tuple[str | None, int]:
+    """(data, examples) for the exact-match evaluation after each run; examples 0: none. `args.exact_match` (when
+    the CLI gives it) asks for it on any instruction data; by default only recall tasks (uuid-pairs) get it."""
+    from ..data import built_in_name, read_records
+    from ..data.formats import detect_format
+    from ..data.stdlib_docstrings import NAME as BUILT_IN_DATA
+    from ..data.uuid_pairs import NAME as UUID_PAIRS
+
+    source = base.eval_data or (base.data if base.data == BUILT_IN_DATA else None)
+    requested = getattr(args, "exact_match", None)
+    if requested is not None and requested < 0:
+        raise ConfigError(f"--exact-match {requested} is invalid; use an integer >= 0 (0: no exact match)")
+    if source is None or requested == 0:
+        return None, 0
+    if requested is None:
+        if built_in_name(source) != UUID_PAIRS:
+            return None, 0
+        requested = EXACT_MATCH_DEFAULT_LIMIT
+    records = read_records(source, split="eval")
+    if detect_format(records, source) != "instruction":
+        raise ConfigError(f"--exact-match needs instruction data; {source} is not; leave --exact-match out")
+    return source, min(requested, len(records))
 
 
 def _read_identity(marker: Path):

@@ -1,4 +1,12 @@
-"""loss.png (train and eval loss against step: mean line, band over seeds) and params.png (loss vs parameters)."""
+"""The plots of a comparison, drawn from results.json alone (Agg backend, no display needed):
+
+- loss.png: train and eval loss against step (mean line, band: min-max over seeds);
+- params.png: final loss against trainable parameters (mean ± std);
+- pareto.png: final loss against trainable parameters (log x; mean, bars: min-max over seeds), each point labelled,
+  with the Pareto front (the methods no other method beats with fewer parameters) drawn as a step line;
+- loss_vs_time.png: train and eval loss against wall time (from each run's log.jsonl `elapsed_s`; mean over seeds
+  at the steps they share, band: min-max of the loss).
+"""
 
 from __future__ import annotations
 
@@ -95,6 +103,113 @@ def plot_params(results: dict, path: Path) -> None:
     axis.set_ylabel("final loss (mean ± std over seeds)")
     axis.set_title("final loss against adapter size")
     axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _final_spread(entry: dict) -> tuple[float, float, float] | None:
+    """(mean, min, max) of the finished runs' final losses, or None."""
+    from .runner import final_loss
+
+    losses = [final_loss(r) for r in entry["runs"].values() if status(r) == "ok"]
+    losses = [v for v in losses if v is not None and math.isfinite(v)]
+    if not losses:
+        return None
+    return sum(losses) / len(losses), min(losses), max(losses)
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (parameters, loss, label) points that no other point beats: none has at most as many parameters and a
+    lower loss. Sorted by parameters."""
+    front, best = [], math.inf
+    for params, loss, label in sorted(points, key=lambda p: (p[0], p[1])):
+        if loss < best:
+            front.append((params, loss, label))
+            best = loss
+    return front
+
+
+def plot_pareto(results: dict, path: Path) -> None:
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(7.5, 5))
+    points = []
+    for label, entry in results["methods"].items():
+        params, spread = entry.get("trainable_parameters"), _final_spread(entry)
+        if not params or spread is None:
+            continue
+        mean, low, high = spread
+        stacked = sum(1 for p, m, _ in points if abs(math.log(p / params)) < 0.05 and abs(m - mean) < 0.01)
+        points.append((params, mean, label))
+        axis.errorbar(
+            [params], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=4, ms=6, label=label, zorder=3
+        )
+        # labels of (nearly) coinciding points are stacked instead of printed over each other
+        axis.annotate(label, (params, mean), textcoords="offset points", xytext=(6, 6 + 10 * stacked), fontsize=8)
+    front = pareto_front(points)
+    if front:
+        xs, ys = [p for p, _, _ in front], [loss for _, loss, _ in front]
+        axis.step(xs, ys, where="post", color="black", alpha=0.5, lw=1, ls="--", label="Pareto front", zorder=2)
+    axis.set_xscale("log")
+    axis.margins(x=0.15, y=0.1)
+    axis.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
+    axis.set_xlabel("trainable parameters (log scale)")
+    axis.set_ylabel("final loss (mean; bars: min-max over seeds)")
+    axis.set_title(f"final loss against adapter size, seeds {results['seeds']}")
+    axis.grid(alpha=0.3, which="both")
+    if points:
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _time_band(runs: list[dict], key: str, smooth: bool):
+    """Mean elapsed seconds, and mean / min / max loss, at the steps every run has both a loss and a time for."""
+    curves, times = [], []
+    for run in runs:
+        curve = _smooth(run.get(key) or []) if smooth else run.get(key) or []
+        clock = dict(map(tuple, run.get("time_curve") or []))
+        curve = [[s, v] for s, v in curve if s in clock]
+        if not curve:
+            return None
+        curves.append(curve)
+        times.append(clock)
+    band = _band(curves)
+    if band is None or not len(band[0]):
+        return None
+    steps, mean, low, high = band
+    seconds = np.array([[clock[s] for s in steps] for clock in times], dtype=float).mean(0)
+    return seconds, mean, low, high
+
+
+def plot_loss_vs_time(results: dict, path: Path, log_scale: bool = False) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, entry) in enumerate(results["methods"].items()):
+        color = colors[index % len(colors)]
+        runs = [r for r in entry["runs"].values() if status(r) == "ok"]
+        if not runs:
+            continue
+        for axis, key, smooth in ((axes[0], "train_curve", True), (axes[1], "eval_curve", False)):
+            band = _time_band(runs, key, smooth)
+            if band is None:
+                continue
+            seconds, mean, low, high = band
+            axis.plot(seconds, mean, color=color, label=label, marker=None if smooth else "o", ms=3)
+            axis.fill_between(seconds, low, high, color=color, alpha=0.2)
+    axes[0].set_title("train loss (5-step moving mean) against wall time")
+    axes[1].set_title("eval loss against wall time")
+    for axis in axes:
+        axis.set_xlabel("wall time (s, mean over seeds; evaluations included)")
+        axis.set_ylabel("loss (band: min-max over seeds)")
+        if log_scale:
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=8)
+    fig.suptitle(f"{results['setting']['model']} on {results['setting']['data']}, seeds {results['seeds']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

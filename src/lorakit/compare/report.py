@@ -47,7 +47,7 @@ def _drop_non_finite(run: dict) -> None:
     for key, value in run.items():
         if isinstance(value, float) and not math.isfinite(value):
             run[key] = None
-    for key in ("train_curve", "eval_curve"):
+    for key in ("train_curve", "eval_curve", "time_curve"):
         run[key] = [point for point in run.get(key) or [] if math.isfinite(point[1])]
 
 
@@ -82,6 +82,7 @@ def summarise(methods: dict, target: float | None) -> tuple[dict, float | None]:
             "tokens_per_s": [r.get("tokens_per_s") for r in ok],
             "wall_time_s": [r.get("wall_time_s") for r in ok],
             "peak_memory_bytes": [r.get("peak_memory_bytes") for r in ok],
+            "exact_match": [r.get("exact_match") for r in ok],
         }
         entry["mean"], entry["std"] = {}, {}
         for key, values in fields.items():
@@ -114,10 +115,61 @@ def _scalar(value: float | None, form: str) -> str:
     return "—" if value is None else form.format(value)
 
 
+def _rate(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def _sweep_lines(results: dict) -> list[str]:
+    """The learning-rate sweep: per method the grid, its extensions, the rate chosen and every short run's loss;
+    a warning for each method whose best rate is still at an end of its grid after the last extension."""
+    swept = {label: e for label, e in results["methods"].items() if e.get("lr_sweep")}
+    if not swept:
+        return []
+    sweep = results.get("sweep") or {}
+    steps = f"{sweep['steps']}-step" if sweep.get("steps") else "short"
+    rule = (
+        f"; a best rate at an end of its grid extends the grid ×{sweep.get('factor', 3):g} past that end, at most "
+        f"{sweep['max_extensions']} times"
+        if "max_extensions" in sweep
+        else ""
+    )
+    lines = ["", f"Learning-rate sweep (final loss of a {steps} run per rate, first seed{rule}):", ""]
+    warnings = []
+    for label, entry in swept.items():
+        losses = ", ".join(
+            f"lr {lr}: {loss if isinstance(loss, str) else f'{loss:.3f}'}" for lr, loss in entry["lr_sweep"].items()
+        )
+        grid, extended = entry.get("lr_sweep_grid"), entry.get("lr_sweep_extended") or []
+        parts = [f"chosen {_rate(entry['lr'])}"]
+        if grid:
+            parts.append(f"grid {', '.join(map(_rate, grid))}")
+        if extended:
+            parts.append(
+                f"extended to {', '.join(map(_rate, extended))} ({len(extended)} extension{'s' * (len(extended) > 1)})"
+            )
+        lines.append(f"- {label}: {'; '.join(parts)} — {losses}")
+        if entry.get("lr_sweep_finished") is False:
+            warnings.append(
+                f"- **warning**: {label}: no rate of the sweep finished; the runs use the lowest rate tried "
+                f"({_rate(entry['lr'])})"
+            )
+        elif entry.get("lr_at_sweep_edge"):
+            end = "upper" if grid and entry["lr"] >= max([*grid, *extended]) else "lower"
+            warnings.append(
+                f"- **warning**: {label}: the best rate {_rate(entry['lr'])} is still at the {end} end of its sweep "
+                f"after {len(extended)} extension{'s' * (len(extended) != 1)}; the optimum may lie beyond it "
+                '(results.json: "lr_at_sweep_edge": true)'
+            )
+    if warnings:
+        lines += ["", *warnings]
+    return lines
+
+
 def markdown(results: dict) -> str:
     setting = results["setting"]
     target = results["target_loss"]
     spread = "Mean ± std over seeds" if len(results["seeds"]) > 1 else "One seed: single-run values, no spread measured"
+    exact = any(e["mean"].get("exact_match") is not None for e in results["methods"].values())
     lines = [
         f"# lorakit compare: {setting['model']} on {setting['data']}",
         "",
@@ -128,38 +180,58 @@ def markdown(results: dict) -> str:
         f"target loss for 'steps to target': {_scalar(target, '{:.3f}')}. {spread}; diverged and failed runs "
         "are left out of the statistics and counted beside them.",
         "",
-        "| method | lr | trainable params | adapter file | final loss | perplexity | steps to target | tokens/s | wall time | peak memory |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | lr | trainable params | adapter file | final loss | perplexity | steps to target | tokens/s | wall time | peak memory |"
+        + (" exact match |" if exact else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if exact else ""),
     ]
     unfinished = []
     for label, entry in results["methods"].items():
         mean, std = entry["mean"], entry["std"]
-        lr = f"{entry['lr']:g}" + (" (swept)" if entry.get("lr_sweep") else "")
+        swept = " (swept, at edge)" if entry.get("lr_at_sweep_edge") else " (swept)"
+        lr = f"{entry['lr']:g}" + (swept if entry.get("lr_sweep") else "")
         reached = len([r for r in entry["runs"].values() if r.get("steps_to_target") is not None])
         params = _scalar(entry["trainable_parameters"], "{:,}")
         size = _scalar(entry["adapter_bytes"] and entry["adapter_bytes"] / 1e6, "{:.2f} MB")
         memory = _scalar(mean["peak_memory_bytes"] and mean["peak_memory_bytes"] / 2**30, "{:.2f} GiB")
-        lines.append(
+        row = (
             f"| {label} | {lr} | {params} | {size} | "
             f"{_fmt(mean['final_eval_loss'], std['final_eval_loss'])}{_counted(entry)} | "
             f"{_fmt(mean['final_eval_perplexity'], std['final_eval_perplexity'], 2)} | "
             f"{_fmt(mean['steps_to_target'], std['steps_to_target'], 0)} ({reached}/{len(entry['runs'])}) | "
             f"{_scalar(mean['tokens_per_s'], '{:.0f}')} | {_scalar(mean['wall_time_s'], '{:.0f} s')} | {memory} |"
         )
+        if exact:
+            row += f" {_percent(mean.get('exact_match'), std.get('exact_match'))} |"
+        lines.append(row)
         unfinished += [
             f"- {label} seed {seed}: {run['status']}: {run.get('error') or 'no message'}"
             for seed, run in entry["runs"].items()
             if run["status"] != "ok"
         ]
+    if exact:
+        plan = results.get("exact_match") or {}
+        lines += [
+            "",
+            f"Exact match: greedy answer equal to the reference on the first {plan.get('examples', '?')} examples of "
+            f"{plan.get('data', 'the eval data')} (`lorakit eval --exact-match`).",
+        ]
+    missing = [
+        f"- {label} seed {seed}: {run['exact_match_error']}"
+        for label, entry in results["methods"].items()
+        for seed, run in entry["runs"].items()
+        if run.get("exact_match_error")
+    ]
+    if missing:
+        lines += ["", "Exact match could not be measured for:", "", *missing]
     if unfinished:
         lines += ["", "Runs that did not finish (left out of the statistics):", "", *unfinished]
-    sweeps = {label: e["lr_sweep"] for label, e in results["methods"].items() if e.get("lr_sweep")}
-    if sweeps:
-        lines += ["", "Learning-rate sweep (final loss of a short run per rate, first seed):", ""]
-        lines += [
-            f"- {label}: "
-            + ", ".join(f"lr {lr}: {loss if isinstance(loss, str) else f'{loss:.3f}'}" for lr, loss in sweep.items())
-            for label, sweep in sweeps.items()
-        ]
-    lines += ["", "![loss](loss.png)", "", "![params](params.png)", ""]
+    lines += _sweep_lines(results)
+    lines += ["", "![loss](loss.png)", "", "![params](params.png)", "", "![pareto](pareto.png)", ""]
+    lines += ["![loss against wall time](loss_vs_time.png)", ""]
     return "\n".join(lines)
+
+
+def _percent(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{100 * mean:.1f}%" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}%"

@@ -23,6 +23,8 @@ adapter (`layers_to_save`) as the lorakit adapter and its `state_dict` / `state_
 
 from __future__ import annotations
 
+import contextlib
+
 from transformers import TrainerCallback
 
 from ..errors import ConfigError
@@ -51,6 +53,15 @@ def make_procedure(procedure, options: dict) -> Procedure:
     except ConfigError as exc:
         raise ConfigError(f"ProcedureCallback: {str(exc).replace('--procedure ', 'procedure ')}") from None
     return PROCEDURES[name](parsed)
+
+
+@contextlib.contextmanager
+def _in_callback():
+    """A procedure's one-line refusal, worded for the callback rather than the `lorakit train` flag."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"ProcedureCallback: {str(exc).replace('--procedure ', 'procedure ')}") from None
 
 
 class ProcedureCallback(TrainerCallback):
@@ -83,10 +94,8 @@ class ProcedureCallback(TrainerCallback):
             )
         if getattr(args, "fsdp", None) and not procedure.supports_fsdp:
             raise ConfigError(f"procedure {name} does not support FSDP (the weights are shards there); use DDP")
-        try:
+        with _in_callback():
             procedure.check_model(model)
-        except ConfigError as exc:
-            raise ConfigError(f"ProcedureCallback: {str(exc).replace('--procedure ', 'procedure ')}") from None
         attach_procedure(model, procedure)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -104,7 +113,8 @@ class ProcedureCallback(TrainerCallback):
             args.process_index,
             args.world_size,
         )
-        self.procedure.on_train_begin(self.moment)
+        with _in_callback():  # a procedure may refuse the Trainer's optimizer or precision here, before step 1
+            self.procedure.on_train_begin(self.moment)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.moment.step = state.global_step

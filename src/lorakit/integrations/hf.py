@@ -32,7 +32,6 @@ line (`lorakit train --fsdp` trains sharded).
 from __future__ import annotations
 
 import json
-import types
 import warnings
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def install_trainer_hooks(model: nn.Module) -> nn.Module:
         model.register_load_state_dict_post_hook(_restore_post_hook),
     )
     if callable(getattr(type(model), "save_pretrained", None)):
-        object.__setattr__(model, "save_pretrained", types.MethodType(_save_pretrained, model))
+        object.__setattr__(model, "save_pretrained", _SavePretrained(model))
     object.__setattr__(model, _HANDLES, handles)
     return model
 
@@ -98,11 +97,28 @@ def attached_procedure(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- saving
+class _SavePretrained:
+    """`model.save_pretrained` of an adapted model, bound to it; a copy of the model (copy.deepcopy, pickling) gets its own."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return _save_pretrained(self.model, *args, **kwargs)
+
+    def __reduce__(self):
+        return (_SavePretrained, (self.model,))
+
+
 def _save_pretrained(model, save_directory, is_main_process=True, state_dict=None, push_to_hub=False, **kwargs):
     """`PreTrainedModel.save_pretrained` of an adapted model: a lorakit adapter directory (see the module doc)."""
     if not any(True for _ in adapter_layers(model)):  # lorakit.unload / merge_and_unload: a plain model again
         return type(model).save_pretrained(
-            model, save_directory, is_main_process=is_main_process, state_dict=state_dict, push_to_hub=push_to_hub,
+            model,
+            save_directory,
+            is_main_process=is_main_process,
+            state_dict=state_dict,
+            push_to_hub=push_to_hub,
             **kwargs,
         )
     if push_to_hub:
@@ -334,7 +350,9 @@ def check_adapter(model, layers, saved: AdapterConfig, modules: dict, shared_inf
     if set(tensors) != set(expected):
         missing = sorted(set(expected) - set(tensors))[:3]
         extra = sorted(set(tensors) - set(expected))[:3]
-        raise AdapterFileError(f"{where}: the tensors do not match the model's adapter (missing {missing}, unexpected {extra})")
+        raise AdapterFileError(
+            f"{where}: the tensors do not match the model's adapter (missing {missing}, unexpected {extra})"
+        )
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
             raise AdapterFileError(f"{where}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
@@ -395,6 +413,8 @@ def load_adapter_into(model: nn.Module, directory, *, strict: bool = True) -> nn
     """
     metadata, config, tensors = read_adapter(directory)
     layers = _require_adapted(model)
-    check_adapter(model, layers, config, metadata["modules"], metadata.get("shared"), tensors, f"adapter {directory}", strict)
+    check_adapter(
+        model, layers, config, metadata["modules"], metadata.get("shared"), tensors, f"adapter {directory}", strict
+    )
     load_into_layers(model, layers, tensors)
     return model

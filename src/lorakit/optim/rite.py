@@ -194,7 +194,7 @@ class LoraRite(torch.optim.Optimizer):
     """LoRA-RITE over every adapter pair of `model` (see the module docstring for the algorithm).
 
     model: the adapted model (lorakit.adapt), before DDP wrapping; LoraRite pairs each layer's (A, B) itself.
-    lr: as Adam's for LoRA is a good start (the authors' PyTorch recipe sweeps 2e-4, 5e-4, 1e-3 at r=16).
+    lr: on the scale of Adam's for LoRA (the authors' finetune.py passes RITE the same --learning_rate as AdamW).
     betas: decays of the first and second moment. eps: added to √λ of the second moment (the authors' 1e-6).
     clip_norm: global norm of the unmagnified gradients (None: off). skip_rms: zero a factor's unmagnified gradient
     whose RMS exceeds it, or that is not finite (None: off). update_cap: cap the RMS of each factor's step before
