@@ -48,7 +48,12 @@ def _add_model(p, required=False, adapter=False):
 def add_train_arguments(p, *, compare: bool = False) -> None:
     d = DEFAULTS
     _add_model(p)
-    p.add_argument("--data", default=d.data, help="JSONL/JSON/CSV/Parquet/TXT file, hub dataset, or stdlib-docstrings")
+    p.add_argument(
+        "--data",
+        default=d.data,
+        help="JSONL/JSON/CSV/Parquet/TXT file, hub dataset, or a built-in source: stdlib-docstrings, "
+        "manpages-summaries, uuid-pairs[:n=N,seed=S]",
+    )
     p.add_argument(
         "--eval-data",
         default=None,
@@ -179,7 +184,18 @@ def build_parser() -> Parser:
         help="comma-separated methods; variants inline, e.g. mini:outer=normal:lr=3e-5, lora:r=4",
     )
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
-    p.add_argument("--lr-sweep", default=None, help="comma-separated learning rates tried per method on a short budget")
+    p.add_argument(
+        "--lr-sweep",
+        default=None,
+        help="'auto' (each method's own grid, centred on its documented rate) or comma-separated rates tried per "
+        "method on a short budget; a best rate at an end of the grid extends it x3, up to 3 times",
+    )
+    p.add_argument(
+        "--exact-match",
+        type=int,
+        default=None,
+        help="greedy exact match on the first N eval examples after each run (default: 64 for uuid-pairs, else none)",
+    )
     p.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep run (default: a quarter of --steps)")
     p.add_argument("--target-loss", type=float, default=None, help="report steps needed to reach this eval/train loss")
     p.add_argument("--log-scale", action="store_true", help="log-scale loss axis in loss.png")

@@ -63,7 +63,7 @@ def _load_adapted(args):
 
 
 def run_eval(args) -> int:
-    from .data import load_examples, read_records
+    from .data import built_in_name, load_examples, read_records
     from .data.formats import detect_format
     from .training.evaluate import evaluate_loss, exact_match
 
@@ -72,7 +72,7 @@ def run_eval(args) -> int:
     _positive("--limit", args.limit, allow_zero=True)
     _positive("--exact-match", args.exact_match, allow_zero=True)
     model, tokenizer = _load_adapted(args)
-    split = "eval" if args.data == "stdlib-docstrings" else "train"
+    split = "eval" if built_in_name(args.data) else "train"  # a built-in dataset: its held-out split
     examples, fmt = load_examples(args.data, tokenizer, args.max_length, split=split)
     if args.limit:
         examples = examples[: args.limit]

@@ -134,7 +134,7 @@ def test_lr_sweep_keeps_the_best_rate(tiny_model_dir, instruction_file, tmp_path
         "64",
         "--quiet",
         "--lr-sweep",
-        "1e-5,1e-2",
+        "1e-5,1e-2,1e30",
         "--sweep-steps",
         "4",
         "--out",
@@ -143,7 +143,9 @@ def test_lr_sweep_keeps_the_best_rate(tiny_model_dir, instruction_file, tmp_path
     result = subprocess.run(LORAKIT + [str(a) for a in args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     entry = json.loads((tmp_path / "s" / "results.json").read_text())["methods"]["lora"]
-    assert set(entry["lr_sweep"]) == {"1e-05", "0.01"} and entry["lr"] == 0.01
+    # the best rate lies inside the grid (the rate above it diverges): kept, and the grid is not extended
+    assert set(entry["lr_sweep"]) == {"1e-05", "0.01", "1e+30"} and entry["lr"] == 0.01
+    assert entry["lr_sweep"]["1e+30"] == "diverged" and not entry.get("lr_at_sweep_edge")
     report = (tmp_path / "s" / "report.md").read_text()
     assert "Learning-rate sweep" in report
     assert "± 0" not in report  # one seed: the value alone, not a spread of zero

@@ -22,7 +22,13 @@ def parabola(optimum: float, diverge_above: float = math.inf):
     def run_one(cfg, label):
         calls.append(cfg.lr)
         if cfg.lr > diverge_above:
-            return {"status": "diverged", "diverged": True, "error": "non-finite loss", "train_curve": [], "eval_curve": []}
+            return {
+                "status": "diverged",
+                "diverged": True,
+                "error": "non-finite loss",
+                "train_curve": [],
+                "eval_curve": [],
+            }
         loss = (math.log10(cfg.lr) - math.log10(optimum)) ** 2 + 1.0
         return {"status": "ok", "final_eval_loss": loss, "train_curve": [[1, loss]], "eval_curve": [[1, loss]]}
 
@@ -123,6 +129,8 @@ def test_inline_grids_and_auto():
     # lr-sweep continues a method's comma-separated options like any other key
     (mini_ab,) = parse_methods("mini:a=8,lr-sweep=1e-3/1e-2")
     assert mini_ab.overrides == {"mini_a": 8} and mini_ab.sweep == [1e-3, 1e-2]
+    (lorta,) = parse_methods("lorta:targets=q_proj/k_proj/v_proj/o_proj:lr-sweep=auto")
+    assert lorta.overrides == {"targets": "q_proj,k_proj,v_proj,o_proj"} and initial_grid(lorta, None)[1] == 1e-3
 
 
 @pytest.mark.parametrize(
@@ -178,7 +186,9 @@ def compared(tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare, "run_one", fake_run)
     monkeypatch.setattr(runner, "run_one", fake_run)
-    monkeypatch.setattr(compare, "score_exact_match", lambda cfg, data, n: {"exact_match": 0.25 * cfg.seed, "exact_match_examples": n})
+    monkeypatch.setattr(
+        compare, "score_exact_match", lambda cfg, data, n: {"exact_match": 0.25 * cfg.seed, "exact_match_examples": n}
+    )
     out = tmp_path / "cmp"
     argv = [
         "compare", "--data", "uuid-pairs:n=8", "--methods", "lora,olora:lr=3e-4,mini:lr-sweep=1e-3/3e-3/1e-2",
@@ -207,7 +217,10 @@ def test_results_mark_the_method_whose_rate_stayed_at_the_edge(compared):
 
 def test_report_lists_rates_losses_extensions_and_warns_at_the_edge(compared):
     report = (compared / "report.md").read_text()
-    assert "Learning-rate sweep (final loss of a 2-step run per rate, first seed; a best rate at an end of its grid" in report
+    assert (
+        "Learning-rate sweep (final loss of a 2-step run per rate, first seed; a best rate at an end of its grid"
+        in report
+    )
     line = next(line for line in report.splitlines() if line.startswith("- mini:lr-sweep"))
     assert "chosen 0.27; grid 0.001, 0.003, 0.01; extended to 0.03, 0.09, 0.27 (3 extensions)" in line
     assert "lr 0.001: " in line and "lr 0.27: " in line
@@ -242,7 +255,9 @@ def test_a_resumed_compare_repeats_the_same_sweep(compared, monkeypatch):
 
     monkeypatch.setattr(compare, "run_one", recording)
     monkeypatch.setattr(runner, "run_one", recording)
-    monkeypatch.setattr(compare, "score_exact_match", lambda cfg, data, n: {"exact_match": 0.0, "exact_match_examples": n})
+    monkeypatch.setattr(
+        compare, "score_exact_match", lambda cfg, data, n: {"exact_match": 0.0, "exact_match_examples": n}
+    )
     argv = [
         "compare", "--data", "uuid-pairs:n=8", "--methods", "lora,olora:lr=3e-4,mini:lr-sweep=1e-3/3e-3/1e-2",
         "--lr-sweep", "auto", "--seeds", "1,2", "--steps", "8", "--out", str(compared),
@@ -272,7 +287,12 @@ def _synthetic(seeds):
     from lorakit.compare.report import summarise
 
     methods = {}
-    for label, params, loss in (("lora", 4_884_480, 3.30), ("mini", 215_040, 3.32), ("loraxs", 53_760, 3.50), ("bad", 10**6, 3.6)):
+    for label, params, loss in (
+        ("lora", 4_884_480, 3.30),
+        ("mini", 215_040, 3.32),
+        ("loraxs", 53_760, 3.50),
+        ("bad", 10**6, 3.6),
+    ):
         runs = {str(s): {**_run(loss + 0.01 * s, 0.1 * s), "trainable_parameters": params} for s in seeds}
         methods[label] = {"method": label, "lr": 1e-3, "lr_sweep": None, "runs": runs}
     setting = dict(model="m", data="d", steps=2, batch_size=1, grad_accum=1, max_length=8, schedule="cosine", warmup=0)
@@ -325,3 +345,26 @@ def test_one_seed_table_has_no_zero_spread():
     assert rows and not any("±" in row for row in rows)
     assert "± 0.000" not in report and "no spread measured" in report
     assert "![pareto](pareto.png)" in report and "![loss against wall time](loss_vs_time.png)" in report
+
+
+def test_lr_sweep_on_a_tiny_model_extends_past_the_best_end(tiny_model_dir, instruction_file, tmp_path):
+    """Real (tiny) training runs: the grid 1e-5, 1e-2 is extended upwards while its top rate is the best."""
+    import subprocess
+    import sys
+
+    args = [
+        "compare", "--model", tiny_model_dir, "--data", instruction_file, "--methods", "lora", "--seeds", "1",
+        "--steps", "4", "--rank", "4", "--max-length", "64", "--quiet", "--lr-sweep", "1e-5,1e-2",
+        "--sweep-steps", "4", "--out", tmp_path / "s",
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    entry = json.loads((tmp_path / "s" / "results.json").read_text())["methods"]["lora"]
+    assert entry["lr_sweep_grid"] == [1e-05, 0.01]
+    rates = [float(rate) for rate in entry["lr_sweep"]]
+    assert rates == sorted(rates) and rates[:2] == [1e-05, 0.01] and rates[2:] == entry["lr_sweep_extended"]
+    finished = {float(k): v for k, v in entry["lr_sweep"].items() if not isinstance(v, str)}
+    assert entry["lr"] == min(finished, key=finished.get) >= 0.01
+    assert entry["lr_at_sweep_edge"] == (len(entry["lr_sweep_extended"]) == 3 and entry["lr"] == max(rates))
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "Learning-rate sweep" in report and "± 0" not in report

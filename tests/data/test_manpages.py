@@ -47,9 +47,8 @@ system call opens the file specified by
 
 def page(title: str, section: str, names: str, summary: str, synopsis: str, th: str | None = None) -> str:
     return (
-        (th or HEADER.format(title=title, section=section))
-        + f".SH NAME\n{names} \\- {summary}\n.SH SYNOPSIS\n.nf\n{synopsis}\n.fi\n.SH DESCRIPTION\nText.\n"
-    )
+        th or HEADER.format(title=title, section=section)
+    ) + f".SH NAME\n{names} \\- {summary}\n.SH SYNOPSIS\n.nf\n{synopsis}\n.fi\n.SH DESCRIPTION\nText.\n"
 
 
 def write(root: Path, relative: str, text: str) -> Path:
@@ -83,8 +82,12 @@ def man_root(tmp_path, cache):
     write(root, "man3/strcpy.3", page("strcpy", "3", "strcpy", "copy a string", "char *strcpy(char *d);"))
     write(root, "man3/strlen.3", page("strlen", "3", "strlen", "calculate the length of a string", "size_t strlen();"))
     # two pages with the same summary: one group
-    write(root, "man3/ecvt.3", page("ecvt", "3", "ecvt", "convert a floating-point number to a string", "char *ecvt();"))
-    write(root, "man3/gcvt.3", page("gcvt", "3", "gcvt", "convert a floating-point number to a string", "char *gcvt();"))
+    write(
+        root, "man3/ecvt.3", page("ecvt", "3", "ecvt", "convert a floating-point number to a string", "char *ecvt();")
+    )
+    write(
+        root, "man3/gcvt.3", page("gcvt", "3", "gcvt", "convert a floating-point number to a string", "char *gcvt();")
+    )
     for i in range(40):  # enough independent pages for both splits
         write(root, f"man3/fn{i}.3", page(f"fn{i}", "3", f"fn{i}", f"do thing number {i}", f"int fn{i}(void);"))
     return root

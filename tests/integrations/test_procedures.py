@@ -154,6 +154,19 @@ def test_refusals_are_one_line_before_training(variant, procedure, words, tmp_pa
     assert max_diff(before, trained(model)) == 0
 
 
+def test_load_best_model_at_end_is_refused_with_a_procedure(tmp_path):
+    args = arguments(tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True)
+    with pytest.raises(ConfigError, match="cannot follow load_best_model_at_end") as info:
+        Trainer(
+            model=adapted(),
+            args=args,
+            train_dataset=token_data(),
+            eval_dataset=token_data(8, seed=1),
+            callbacks=[ProcedureCallback("cola")],
+        )
+    assert "best_model_checkpoint" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_a_procedure_refusing_the_trainers_optimizer_stops_before_the_first_step(tmp_path):
     from lorakit.optim.rite import LoraRite
 

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +243,19 @@ def test_load_adapter_into_an_adapted_model(tmp_path):
         load_adapter_into(adapted("prolora", r=2), tmp_path / "run" / "checkpoint-2")
     with pytest.raises(BaseModelMismatchError):
         load_adapter_into(adapted("prolora", base_seed=3), tmp_path / "run" / "checkpoint-2")
+
+
+def test_ddp_two_processes_save_once_and_resume_exactly(tmp_path):
+    script = Path(__file__).with_name("ddp_trainer.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*torchrun, str(tmp_path / "whole"), "4"], check=True, env=env, capture_output=True)
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    for later in ("checkpoint-4", "final"):  # as if killed after the step-2 checkpoint
+        shutil.rmtree(tmp_path / "cut" / later)
+    assert_no_base_stored(tmp_path / "cut" / "checkpoint-2", adapted("lora"))
+    subprocess.run([*torchrun, str(tmp_path / "cut"), "4", "resume"], check=True, env=env, capture_output=True)
+    whole = lorakit.load_adapter(tiny_llama(), tmp_path / "whole" / "final")
+    resumed = lorakit.load_adapter(tiny_llama(), tmp_path / "cut" / "final")
+    assert max_diff(trained(whole), trained(resumed)) <= 1e-6
+    assert max_diff(trained(whole), trained(adapted("lora"))) > 0

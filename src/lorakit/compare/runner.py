@@ -212,7 +212,7 @@ def score_exact_match(cfg: TrainConfig, data: str, examples: int) -> dict:
     if cfg.trust_remote_code:
         command.append("--trust-remote-code")
     print(f"lorakit compare: exact match of {out} on {examples} examples", flush=True)
-    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True)
     result = None
     for line in reversed(proc.stdout.splitlines()):
         try:
@@ -221,7 +221,9 @@ def score_exact_match(cfg: TrainConfig, data: str, examples: int) -> dict:
         except json.JSONDecodeError:
             continue
     if proc.returncode != 0 or not isinstance(result, dict) or "exact_match" not in result:
-        error = error_line(proc.stderr, proc.returncode) if proc.returncode else "no exact match (not instruction data?)"
+        error = (
+            error_line(proc.stderr, proc.returncode) if proc.returncode else "no exact match (not instruction data?)"
+        )
         print(f"lorakit compare: exact match failed: {error}", flush=True)
         return {"exact_match": None, "exact_match_error": error}
     scored = {"exact_match": result["exact_match"], "exact_match_examples": result["exact_match_examples"]}

@@ -1,6 +1,7 @@
 """Method specs of `lorakit compare --methods`: "lora,olora,mini:outer=normal:lr=3e-5,mini:a=64,b=64,lora:r=4",
 "melora:blocks=4" (a method's own options), "lora:procedure=flat/rho=0.1", "lora:optimizer=rite",
-"mini:lr-sweep=1e-3/3e-3/1e-2" (this method's own learning-rate grid; "lr-sweep=auto": centred on its documented rate).
+"mini:lr-sweep=1e-3/3e-3/1e-2" (this method's own learning-rate grid; "lr-sweep=auto": centred on its documented rate),
+"lorta:targets=q_proj/k_proj/v_proj/o_proj" (module suffixes, "/"-separated).
 
 Methods are comma-separated; a method's options follow a colon, separated by colons or commas (a comma-separated
 part that holds "=" and no method name continues the previous method's options). Values that are lists use "/".
@@ -27,7 +28,7 @@ OPTIONS = {
     "init": ("init", str),
     "dropout": ("dropout", float),
     "rslora": ("rslora", lambda v: v.lower() in ("1", "true", "yes")),
-    "targets": ("targets", str),
+    "targets": ("targets", lambda v: v.replace("/", ",")),  # lorta:targets=q_proj/k_proj/v_proj/o_proj
     "procedure": ("procedure", lambda v: v.replace("/", ":", 1).replace("/", ",")),  # procedure=flat/rho=0.1
     "optimizer": ("optimizer", str),
 }

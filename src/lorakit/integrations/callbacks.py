@@ -92,6 +92,12 @@ class ProcedureCallback(TrainerCallback):
                 f"procedure {name} cannot run under DeepSpeed: DeepSpeed steps the optimizer inside its engine, "
                 "before the callback between backward and the optimizer step; train without DeepSpeed"
             )
+        if getattr(args, "load_best_model_at_end", False):
+            raise ConfigError(
+                f"procedure {name} cannot follow load_best_model_at_end (the Trainer reloads a checkpoint after the "
+                "last step, where a procedure cannot re-enter its state); turn it off and load the best checkpoint "
+                "afterwards: lorakit.load_adapter(base, trainer.state.best_model_checkpoint)"
+            )
         if getattr(args, "fsdp", None) and not procedure.supports_fsdp:
             raise ConfigError(f"procedure {name} does not support FSDP (the weights are shards there); use DDP")
         with _in_callback():

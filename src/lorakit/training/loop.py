@@ -19,9 +19,8 @@ import torch
 
 from .. import __version__
 from ..atomic import prepare_directory, write_json
-from ..data import load_examples, read_records
+from ..data import default_eval_source, load_examples, read_records
 from ..data.formats import IGNORE
-from ..data.stdlib_docstrings import NAME as DEFAULT_DATA
 from ..errors import ConfigError, LorakitError
 from ..inject import adapt, adapter_layers, trainable_parameters
 from ..models import load_model
@@ -142,7 +141,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         read_records(source)  # fail fast on a missing or broken file, before the model loads
     base, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     examples, data_format = load_examples(cfg.data, tokenizer, cfg.max_length)
-    eval_source = cfg.eval_data or (DEFAULT_DATA if cfg.data == DEFAULT_DATA else None)
+    eval_source = cfg.eval_data or default_eval_source(cfg.data)  # a built-in dataset's own eval split
     eval_examples = None
     if eval_source:
         eval_examples, _ = load_examples(eval_source, tokenizer, cfg.max_length, split="eval")
