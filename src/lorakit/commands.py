@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -17,17 +16,10 @@ from .training.run_config import TrainConfig, check_writable
 MERGED_MARKER = "lorakit_merged.json"
 
 
-def train_config_from_args(args, **overrides) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
 def run_train(args) -> int:
     from .training import train
 
-    summary = train(train_config_from_args(args))
+    summary = train(TrainConfig.from_args(args))
     if summary:
         loss = summary["final_eval_loss"] if summary["final_eval_loss"] is not None else summary["final_train_loss"]
         kind = "eval" if summary["final_eval_loss"] is not None else "train"

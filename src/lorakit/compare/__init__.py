@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..atomic import prepare_directory, write_bytes, write_json
 from ..errors import ConfigError, LorakitError
-from ..training.run_config import check_writable
+from ..training.run_config import TrainConfig, check_writable
 from .plots import plot_loss, plot_loss_vs_time, plot_params, plot_pareto
 from .report import markdown, status, summarise
 from .runner import MAX_EXTENSIONS, run_one, score_exact_match, sweep_learning_rate
@@ -51,8 +51,6 @@ def _apply_demo(args) -> None:
 
 
 def run_compare_command(args) -> int:
-    from ..commands import train_config_from_args
-
     if args.demo:
         _apply_demo(args)
     specs = parse_methods(args.methods)
@@ -61,7 +59,7 @@ def run_compare_command(args) -> int:
         raise ConfigError(f"--seeds {args.seeds} holds a negative seed; use integers >= 0")
     global_sweep = parse_sweep("--lr-sweep", args.lr_sweep) if args.lr_sweep else None
     out = Path(args.out)
-    base = train_config_from_args(args, method=specs[0].method, seed=seeds[0], out=str(out / "runs"))
+    base = TrainConfig.from_args(args, method=specs[0].method, seed=seeds[0], out=str(out / "runs"))
     from ..data import built_in_name, default_eval_source
     from ..data.stdlib_docstrings import NAME as BUILT_IN_DATA
 

@@ -135,6 +135,14 @@ class TrainConfig:
             argv += [_flag(key)] if value is True else [_flag(key), str(value)]
         return argv
 
+    @classmethod
+    def from_args(cls, args, **overrides) -> TrainConfig:
+        """The config of parsed `lorakit train` / `lorakit compare` arguments (fields they lack keep defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        values.update(overrides)
+        return cls(**values)
+
     def comparable(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUME_MAY_DIFFER}
 
