@@ -22,7 +22,7 @@ from pathlib import Path
 import lorakit  # lorakit
 from lorakit.data import read_records
 from lorakit.data.formats import instruction_prompt
-from lorakit.integrations import ProcedureCallback, install_trainer_hooks  # lorakit
+from lorakit.integrations import ProcedureCallback  # lorakit
 from lorakit.models import load_model
 
 
@@ -82,8 +82,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
     config = lorakit.AdapterConfig(method=args.method, r=args.rank, alpha=args.alpha, targets=args.targets)
-    model = lorakit.adapt(model, config)  # lorakit
-    install_trainer_hooks(model)  # lorakit: save_model / checkpoints write adapters (a no-op once adapt does it)
+    model = lorakit.adapt(model, config)  # lorakit: save_model / checkpoints now write adapters, never the base
     print(lorakit.summary(model).__str__().splitlines()[-1])
 
     train_records = read_records(args.data, split="train")

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"  # before the imports: persist records it in every adapter file
 
-from . import optim  # lorakit.optim.LoraRite
+from . import integrations, optim  # lorakit.integrations.ProcedureCallback, lorakit.optim.LoraRite
 from .config import AdapterConfig
 from .errors import (
     AdapterFileError,
@@ -20,6 +20,7 @@ from .persist import load_adapter, read_adapter, save_adapter
 
 __all__ = [
     "METHODS",
+    "integrations",
     "optim",
     "AdapterConfig",
     "AdapterFileError",

@@ -158,6 +158,11 @@ def install(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
         model.add_module(SHARED, shared)
         for param in shared.trainable_parameters().values():
             param.requires_grad_(True)
+    # transformers' Trainer saves and resumes through model.save_pretrained / load_state_dict: make those write and
+    # read a lorakit adapter (never the base). Local import: integrations.hf imports persist, which imports inject.
+    from .integrations.hf import install_trainer_hooks
+
+    install_trainer_hooks(model)
 
 
 def _remove_shared(model: nn.Module) -> None:

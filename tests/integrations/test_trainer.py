@@ -39,11 +39,10 @@ def _adapt_installs_hooks() -> bool:
     return trainer_hooks_installed(lorakit.adapt(tiny_llama(), make_config("lora")))
 
 
-@pytest.mark.xfail(
-    not _adapt_installs_hooks(),
-    reason="lorakit.adapt does not call lorakit.integrations.install_trainer_hooks yet (one line in inject.install)",
-    strict=True,
-)
+def test_adapt_installs_the_trainer_hooks():
+    assert _adapt_installs_hooks()
+
+
 def test_plain_adapt_then_unchanged_trainer_saves_an_adapter(tmp_path):
     model = lorakit.adapt(tiny_llama(), make_config("lora"))  # nothing else: the user's Trainer code as it is
     trainer = train(model, tmp_path / "run", max_steps=2)
