@@ -73,9 +73,14 @@ def plot_loss(results: dict, path: Path, log_scale: bool = False) -> None:
             axis.fill_between(steps, low, high, color=color, alpha=0.2)
     axes[0].set_title("train loss (5-step moving mean; band: min-max over seeds)")
     axes[1].set_title("eval loss (band: min-max over seeds)")
+    _finish_loss_figure(fig, axes, results, path, "step", "loss", log_scale)
+
+
+def _finish_loss_figure(fig, axes, results: dict, path: Path, xlabel: str, ylabel: str, log_scale: bool) -> None:
+    """Labels, grid, legends and title of a train/eval loss figure; write it to `path`."""
     for axis in axes:
-        axis.set_xlabel("step")
-        axis.set_ylabel("loss")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
         if log_scale:
             axis.set_yscale("log")
         axis.grid(alpha=0.3)
@@ -84,6 +89,8 @@ def plot_loss(results: dict, path: Path, log_scale: bool = False) -> None:
     fig.suptitle(f"{results['setting']['model']} on {results['setting']['data']}, seeds {results['seeds']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
 
 
@@ -201,15 +208,5 @@ def plot_loss_vs_time(results: dict, path: Path, log_scale: bool = False) -> Non
             axis.fill_between(seconds, low, high, color=color, alpha=0.2)
     axes[0].set_title("train loss (5-step moving mean) against wall time")
     axes[1].set_title("eval loss against wall time")
-    for axis in axes:
-        axis.set_xlabel("wall time (s, mean over seeds; evaluations included)")
-        axis.set_ylabel("loss (band: min-max over seeds)")
-        if log_scale:
-            axis.set_yscale("log")
-        axis.grid(alpha=0.3)
-        if axis.lines:
-            axis.legend(fontsize=8)
-    fig.suptitle(f"{results['setting']['model']} on {results['setting']['data']}, seeds {results['seeds']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    xlabel = "wall time (s, mean over seeds; evaluations included)"
+    _finish_loss_figure(fig, axes, results, path, xlabel, "loss (band: min-max over seeds)", log_scale)
