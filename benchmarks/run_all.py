@@ -14,6 +14,7 @@ import bench_inference  # noqa: E402
 import bench_loraxs_init  # noqa: E402
 import bench_methods  # noqa: E402
 import bench_olora_init  # noqa: E402
+import bench_procedures  # noqa: E402
 import bench_rite  # noqa: E402
 import bench_train_step  # noqa: E402
 from common import machine  # noqa: E402
@@ -41,9 +42,10 @@ def main() -> None:
         ("peak_memory", bench_train_step.peak_memory),
         ("inference", lambda: bench_inference.forward_times(repeats=11)),
         ("adapter_files", bench_inference.adapter_bytes),
-        ("methods", lambda: bench_methods.run(repeats=3)),
+        ("methods", lambda: bench_methods.run(repeats=9)),
         ("loraxs_init", bench_loraxs_init.run),
         ("rite", lambda: bench_rite.run(quick=False)),
+        ("procedures", lambda: bench_procedures.run(repeats=7)),
     ]
     for name, fn in steps:
         print(f"[bench] {name} ...", flush=True)
@@ -78,6 +80,9 @@ def markdown(results: dict) -> str:
     if "loraxs_init" in results:
         lines += ["", "LoRA-XS init (top-r SVD at a principal angle <= 1e-4):", ""]
         lines.append(bench_loraxs_init.markdown(results["loraxs_init"]))
+    if "procedures" in results:
+        lines += ["", "Training procedures against plain LoRA + AdamW:", ""]
+        lines.append(bench_procedures.markdown(results["procedures"]))
     lines += [
         "",
         "Raw figures (seconds, bytes):",

@@ -93,7 +93,6 @@ def test_import_peft_gives_equal_logits(factory, rslora, tmp_path, inputs):
     "config,message",
     [
         (dict(use_dora=True), "DoRA adapters are not supported"),
-        (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
         (dict(bias="lora_only"), "bias='lora_only'"),
         (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     ],
@@ -103,6 +102,52 @@ def test_unsupported_peft_features_are_refused(config, message, tmp_path):
     _peft_adapter(base, tmp_path, r=4, target_modules=["q_proj", "v_proj"], **config)
     target = fresh_copy(base)
     with pytest.raises(lorakit.AdapterFileError, match=message):
+        lorakit.import_peft(target, tmp_path / "peft")
+    assert not list(lorakit.adapter_layers(target))
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_import_peft_with_rank_and_alpha_patterns(factory, tmp_path, inputs):
+    """Per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern, PEFT's own key matching) come in as
+    per-module lorakit ranks, and survive a lorakit save/load and an export back to PEFT."""
+    base = factory()
+    if factory is tiny_llama:
+        targets, rank_pattern, alpha_pattern = ["q_proj", "v_proj"], {"v_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}, {"v_proj": 3}
+    else:
+        targets, rank_pattern, alpha_pattern = ["c_attn", "c_fc"], {"c_fc": 2}, {"h.1.attn.c_attn": 20}
+    theirs = _peft_adapter(
+        base, tmp_path, r=4, lora_alpha=8, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        fan_in_fan_out=factory is tiny_gpt2,
+    )
+    expected_ranks = {
+        name.removeprefix("base_model.model."): module.r["default"]
+        for name, module in theirs.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+    assert len(set(expected_ranks.values())) > 1
+    ours = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")
+    assert {name: layer.r for name, layer in lorakit.adapter_layers(ours)} == expected_ranks
+    torch.testing.assert_close(model_output(ours, inputs), model_output(theirs, inputs), atol=1e-5, rtol=1e-5)
+    lorakit.save_adapter(ours, tmp_path / "ours")  # per-module ranks in lorakit's own format
+    meta = json.loads((tmp_path / "ours" / "adapter.json").read_text())
+    assert meta["format_version"] == 3 and any("r" in info for info in meta["modules"].values())
+    again = lorakit.load_adapter(fresh_copy(base), tmp_path / "ours")
+    assert {name: layer.r for name, layer in lorakit.adapter_layers(again)} == expected_ranks
+    torch.testing.assert_close(model_output(again, inputs), model_output(ours, inputs), atol=1e-6, rtol=0)
+    lorakit.export_peft(again, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(fresh_copy(base), tmp_path / "back").eval()
+    torch.testing.assert_close(model_output(back, inputs), model_output(theirs, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_invalid_rank_pattern_is_refused(tmp_path):
+    base = tiny_llama()
+    _peft_adapter(base, tmp_path, r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2})
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["rank_pattern"] = {"q_proj": "two"}
+    config_path.write_text(json.dumps(config))
+    target = fresh_copy(base)
+    with pytest.raises(lorakit.AdapterFileError, match="rank_pattern must map module patterns to positive numbers"):
         lorakit.import_peft(target, tmp_path / "peft")
     assert not list(lorakit.adapter_layers(target))
 

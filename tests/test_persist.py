@@ -162,6 +162,18 @@ BROKEN = {
         lambda p: _edit_json(p, lambda d: d.update(format_version=99)),
         "format version 99 was written by a newer lorakit",
     ),
+    "module rank not an integer": (
+        lambda p: _edit_json(p, lambda d: next(iter(d["modules"].values())).update(r="4")),
+        "field 'r' must be an integer",
+    ),
+    "module alpha not positive": (
+        lambda p: _edit_json(p, lambda d: next(iter(d["modules"].values())).update(alpha=0)),
+        "field 'alpha' must be a positive number",
+    ),
+    "module rank does not fit its tensors": (
+        lambda p: _edit_json(p, lambda d: next(iter(d["modules"].values())).update(r=3)),
+        "tensors do not fit the config",
+    ),
     "missing tensors": (lambda p: (p / "adapter.safetensors").unlink(), "adapter.safetensors is missing"),
     "truncated tensors": (lambda p: os.truncate(p / "adapter.safetensors", 100), "does not match adapter.json"),
     "corrupt tensors": (lambda p: (p / "adapter.safetensors").write_bytes(b"\x00" * 64), "does not match adapter.json"),
@@ -230,6 +242,30 @@ def test_save_into_a_file_path_is_refused(tmp_path):
 def test_read_adapter_reports_metadata(tmp_path):
     _, path = _saved(tmp_path, "mini-orthonormal")
     metadata, config, tensors = lorakit.read_adapter(path)
-    assert metadata["format_version"] == 2 and config.method == "mini" and metadata["lorakit_version"]
+    assert metadata["format_version"] == 3 and config.method == "mini" and metadata["lorakit_version"]
     assert all(len(info["base_fingerprint"]["digest"]) == 64 for info in metadata["modules"].values())
     assert metadata["trainable_parameters"] == sum(t.numel() for t in tensors.values())
+
+
+def test_per_module_ranks_round_trip(tmp_path, inputs):
+    """A model whose modules have different ranks and alphas (XGBLoRA's and IncreLoRA's adapters) is saved with
+    per-module "r" / "alpha" (format 3), without padding, and loads back exactly."""
+    base = tiny_llama()
+    model = fresh_copy(base)
+    layers = {}
+    for rank, alpha, targets in ((2, 2.0, ["q_proj"]), (5, 10.0, ["v_proj"]), (2, 2.0, ["down_proj"])):
+        built = lorakit.inject.build_layers(model, lorakit.AdapterConfig(r=rank, alpha=alpha, targets=targets))
+        layers.update(built)
+    lorakit.inject.install(model, layers)
+    perturb_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    assert meta["format_version"] == 3 and meta["config"]["r"] == 2  # the most common rank at the top
+    assert {n: (i.get("r"), i.get("alpha")) for n, i in meta["modules"].items() if "r" in i} == {
+        n: (5, 10.0) for n in layers if n.endswith("v_proj")
+    }
+    stored = sum(t.numel() for t in lorakit.read_adapter(tmp_path / "a")[2].values())
+    assert stored == sum(p.numel() for p in lorakit.inject.trainable_parameters(model))  # no padding
+    loaded = lorakit.load_adapter(fresh_copy(base), tmp_path / "a")
+    assert {n: (l.r, l.scale) for n, l in lorakit.adapter_layers(loaded)} == {n: (l.r, l.scale) for n, l in layers.items()}
+    assert torch.equal(model_output(loaded, inputs), model_output(model, inputs))

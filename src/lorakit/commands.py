@@ -159,9 +159,10 @@ def run_export(args) -> int:
 
 
 def run_inspect(args) -> int:
-    from .persist import read_adapter
+    from .persist import module_ranks, read_adapter
 
     metadata, config, tensors = read_adapter(args.adapter)
+    ranks = module_ranks(metadata, config)
     path = Path(args.adapter)
     size = sum((path / name).stat().st_size for name in ("adapter.safetensors", "adapter.json"))
     modules = metadata["modules"]
@@ -177,12 +178,17 @@ def run_inspect(args) -> int:
         f"base model:  {base.get('class')} {base.get('name_or_path') or ''}".rstrip(),
         f"fingerprint: {len(modules)} modules, combined sha256 {fingerprint[:16]}",
     ]
+    per_module = len(set(ranks.values())) > 1
+    if per_module:
+        lines.insert(3, f"ranks:       per module, {min(ranks.values())} to {max(ranks.values())}, total {sum(ranks.values())}")
+    shown = modules if per_module else dict(list(modules.items())[:8])  # per-module ranks: every module's
     lines += [
-        f"  {name}  {m['in']} -> {m['out']}  {m.get('base_dtype', '')} weight fingerprint {digests[name][:12]}"
-        for name, m in list(modules.items())[:8]
+        f"  {name}  {m['in']} -> {m['out']}{f'  r={ranks[name]}' if per_module else ''}  "
+        f"{m.get('base_dtype', '')} weight fingerprint {digests[name][:12]}"
+        for name, m in shown.items()
     ]
-    if len(modules) > 8:
-        lines.append(f"  ... and {len(modules) - 8} more")
+    if len(modules) > len(shown):
+        lines.append(f"  ... and {len(modules) - len(shown)} more")
     print("\n".join(lines))
     return 0
 

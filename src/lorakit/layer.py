@@ -81,7 +81,7 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.merged = False
         self.disabled = False
-        self.weight_noise: torch.Tensor | None = None  # Flat-LoRA's ε (nn.Linear layout) during a training step
+        self.weight_noise = None  # Flat-LoRA's ε during a training step: has .perturbed(W) -> W + ε
         # Chain of LoRA's finished links, frozen: (A, s·B) of rank Σ r_j, added to the update (plain tensors, not
         # buffers: a procedure owns and saves them)
         self.frozen_links: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -203,7 +203,7 @@ class AdapterLayer(nn.Module):
         that the stored weight is never written (see `lorakit.procedures.flat`)."""
         if self.weight_noise is None:
             return self.base_layer(x)
-        weight = self.base_weight_linear() + self.weight_noise
+        weight = self.weight_noise.perturbed(self.base_weight_linear())
         return torch.nn.functional.linear(x, weight, self.base_layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

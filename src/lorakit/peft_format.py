@@ -4,7 +4,8 @@ Export turns any lorakit adapter into a plain LoRA relative to the ORIGINAL base
 `peft.PeftModel.from_pretrained(base, dir)` loads and vLLM / TGI serve: LoRA as is; LoRA-Mini as A = A_in A_out,
 B = B_out B_in; OLoRA as the rank-2r [B | −B0] [A ; A0] (see `AdapterLayer.export_factors`). lora_alpha is
 set so that PEFT's scale equals lorakit's. Import reads a plain PEFT LoRA adapter (safetensors only: a pickled
-`adapter_model.bin` is refused) and refuses the features lorakit cannot honour.
+`adapter_model.bin` is refused), with per-module ranks and alphas from rank_pattern / alpha_pattern, and refuses
+the features lorakit cannot honour.
 """
 
 from __future__ import annotations
@@ -145,13 +146,23 @@ def _refuse_unsupported(peft_config: dict, where) -> None:
             f"{where}: bias={peft_config['bias']!r} (trained biases) is not supported; only bias='none'"
         )
     for key in ("rank_pattern", "alpha_pattern"):
-        if peft_config.get(key):
-            raise AdapterFileError(
-                f"{where}: {key} (per-module ranks or alphas) is not supported by lorakit; use one r and lora_alpha"
-            )
+        pattern = peft_config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in pattern.values()
+        ):
+            raise AdapterFileError(f"{where}: {key} must map module patterns to positive numbers; re-save it with PEFT")
     for key in ("layer_replication", "target_parameters", "megatron_config", "loftq_config"):
         if peft_config.get(key):
             raise AdapterFileError(f"{where}: {key} is not supported by lorakit")
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (`peft.utils.other.get_pattern_key`): the first key that matches
+    the end of the module name at a dot boundary, as the regex `(.*\\.)?(key)$`."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 def import_peft(model: nn.Module, directory) -> nn.Module:
@@ -174,25 +185,38 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
                 f"{directory}: tensor {key!r} is not a LoRA A/B weight of a linear layer; lorakit cannot import it"
             )
     r = peft_config.get("r")
-    if not isinstance(r, int) or r <= 0:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise AdapterFileError(f"{directory}: adapter_config.json has invalid r={r!r}")
+    rank_pattern, alpha_pattern = peft_config.get("rank_pattern") or {}, peft_config.get("alpha_pattern") or {}
+    alpha = peft_config.get("lora_alpha", 8)
+    shapes = {
+        name: (pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)) for name in factors
+    }
     for name, pair in factors.items():
-        if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != r or pair["lora_B"].shape[1] != r:
-            raise AdapterFileError(f"{directory}: module {name} lacks a rank-{r} lora_A/lora_B pair")
+        rank = shapes[name][0]
+        if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != rank or pair["lora_B"].shape[1] != rank:
+            raise AdapterFileError(f"{directory}: module {name} lacks a rank-{rank} lora_A/lora_B pair")
+    layers, configs = {}, {}
     try:
-        config = AdapterConfig(
-            method="lora",
-            r=r,
-            alpha=float(peft_config.get("lora_alpha", 8)),
-            rslora=bool(peft_config.get("use_rslora", False)),
-            dropout=float(peft_config.get("lora_dropout") or 0.0),
-            targets=sorted(factors),
-        )
         if any(True for _ in adapter_layers(model)):
             raise ConfigError("the model already has adapters; import onto a fresh base model")
-        layers = build_layers(model, config, initialize=False)
+        groups: dict[tuple, list[str]] = {}  # modules of one (r, alpha) are built together
+        for name in sorted(factors):
+            groups.setdefault(shapes[name], []).append(name)
+        for (rank, module_alpha), names in groups.items():
+            config = AdapterConfig(
+                method="lora",
+                r=rank,
+                alpha=float(module_alpha),
+                rslora=bool(peft_config.get("use_rslora", False)),
+                dropout=float(peft_config.get("lora_dropout") or 0.0),
+                targets=sorted(factors),
+            )
+            configs.update(dict.fromkeys(names, config))
+            layers.update(build_layers(model, dataclasses.replace(config, targets=names), initialize=False))
     except ConfigError as exc:
         raise AdapterFileError(f"PEFT adapter at {directory} does not fit this model: {exc}") from None
+    layers = {name: layers[name] for name in sorted(factors)}
     for name, layer in layers.items():
         a, b = factors[name]["lora_A"], factors[name]["lora_B"]
         if a.shape != layer.A.shape or b.shape != layer.B.shape:
@@ -201,6 +225,6 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
             )
     install(model, layers)
     for name, layer in layers.items():
-        layer.config = dataclasses.replace(config, targets=sorted(factors))
+        layer.config = configs[name]
         layer.load_tensors({"A": factors[name]["lora_A"], "B": factors[name]["lora_B"]})
     return model

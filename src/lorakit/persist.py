@@ -6,6 +6,10 @@ adapter.json records the config, the format version, per-module shapes, a finger
 ORIGINAL base weight (`lorakit.fingerprint`), and the sha256 of the tensor file, so a truncated, corrupt or
 mismatched pair is refused. Nothing is ever unpickled. Every check runs before the base model is touched.
 
+Per-module ranks (format version 3): the top-level config holds the most common (r, alpha); a module whose rank
+or alpha differs carries its own "r" and "alpha" (XGBLoRA's and IncreLoRA's adapters: every module its own rank,
+no padding). Methods with tensors shared by all layers (LoRTA) have one rank.
+
 A save replaces both files as one: adapter.json is the commit point.
 
     1. the new tensors go to `.adapter.pending.safetensors` (temporary file, fsync, rename)
@@ -24,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -51,7 +57,7 @@ from .layer import is_supported_layer, linear_shape
 from .methods import METHODS
 
 FORMAT = "lorakit-adapter"
-FORMAT_VERSION = 2  # 2: base fingerprints with dtype, norm and samples (version 1: an exact digest only)
+FORMAT_VERSION = 3  # 3: per-module "r" / "alpha"; 2: base fingerprints with dtype, norm and samples; 1: a digest
 TENSORS_FILE = "adapter.safetensors"
 PENDING_TENSORS_FILE = ".adapter.pending.safetensors"
 CONFIG_FILE = "adapter.json"
@@ -72,7 +78,7 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
     else:
         layers = list(layers.items())
         trainable = sum(p.numel() for _, layer in layers for p in layer.trainable_parameters().values())
-    config = layers[0][1].config
+    config = _common_config(layers)
     tensors, modules = {}, {}
     for name, layer in layers:
         stored = {key: value.detach().to("cpu").contiguous() for key, value in layer.stored_tensors().items()}
@@ -85,6 +91,8 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
             "base_fingerprint": layer.base_fingerprint.to_json(),
             "tensors": {key: list(value.shape) for key, value in stored.items()},
         }
+        if (layer.config.r, layer.config.alpha) != (config.r, config.alpha):
+            modules[name].update(r=layer.config.r, alpha=layer.config.alpha)
     shared, shared_info = shared_parameters(model) if own else None, None
     if shared is not None:  # stored once, not per layer
         stored = {key: value.detach().to("cpu").contiguous() for key, value in shared.stored_tensors().items()}
@@ -111,6 +119,25 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
     write_json(out / CONFIG_FILE, metadata)  # the commit point: it pins the pending tensors by hash
     replace_file(out / PENDING_TENSORS_FILE, out / TENSORS_FILE)
     return out
+
+
+def _common_config(layers: list) -> AdapterConfig:
+    """The config written at the top of adapter.json: that of the most common (r, alpha) (first one on ties)."""
+    counts = Counter((layer.config.r, layer.config.alpha) for _, layer in layers)
+    rank_alpha = counts.most_common(1)[0][0]
+    return next(layer.config for _, layer in layers if (layer.config.r, layer.config.alpha) == rank_alpha)
+
+
+def module_config(config: AdapterConfig, info: dict) -> AdapterConfig:
+    """The config of one module of a file: the top-level one with the module's own r and alpha, if it has them."""
+    if "r" not in info and "alpha" not in info:
+        return config
+    return dataclasses.replace(config, r=info.get("r", config.r), alpha=info.get("alpha", config.alpha))
+
+
+def module_ranks(metadata: dict, config: AdapterConfig) -> dict[str, int]:
+    """{module: rank} of a file's modules."""
+    return {name: info.get("r", config.r) for name, info in metadata["modules"].items()}
 
 
 def _finish_interrupted_save(out: Path) -> None:
@@ -218,6 +245,10 @@ def validate_metadata(metadata, where) -> AdapterConfig:
         fail(f"'modules' must list 1 to {MAX_MODULES} modules")
     for name, info in modules.items():
         _validate_module(name, info, fail)
+        try:
+            module_config(config, info)
+        except ConfigError as exc:
+            fail(f"module {name!r} has an invalid rank or alpha ({exc})")
     shared = metadata.get("shared")
     if shared is not None:
         if not isinstance(shared, dict) or not isinstance(shared.get("tensors"), dict):
@@ -225,6 +256,8 @@ def validate_metadata(metadata, where) -> AdapterConfig:
         for key, shape in shared["tensors"].items():
             if not (isinstance(shape, list) and all(isinstance(d, int) and 0 < d <= MAX_DIM for d in shape)):
                 fail(f"shared tensor {key!r} has an invalid shape")
+        if any("r" in info or "alpha" in info for info in modules.values()):
+            fail("per-module ranks are not possible with shared tensors")
     return config
 
 
@@ -245,6 +278,11 @@ def _validate_module(name, info, fail) -> None:
     for key, shape in info["tensors"].items():
         if not (isinstance(shape, list) and all(isinstance(d, int) and 0 < d <= MAX_DIM for d in shape)):
             fail(f"module {name!r} tensor {key!r} has an invalid shape")
+    rank, alpha = info.get("r", 1), info.get("alpha", 1.0)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank <= MAX_DIM:
+        fail(f"module {name!r} field 'r' must be an integer in 1..{MAX_DIM}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
+        fail(f"module {name!r} field 'alpha' must be a positive number")
 
 
 def _check_tensor_shapes(metadata: dict, tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -339,17 +377,24 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
         raise ConfigError("the model already has adapters; load the adapter onto a fresh base model")
     fingerprints = check_base(model, metadata, config, strict=strict)
     layer_cls = METHODS[config.method]
+    configs = {name: module_config(config, info) for name, info in metadata["modules"].items()}
     for name, info in metadata["modules"].items():
-        expected = layer_cls.stored_shapes(config, info["in"], info["out"])
+        expected = layer_cls.stored_shapes(configs[name], info["in"], info["out"])
         if {key: tuple(shape) for key, shape in info["tensors"].items()} != expected:
             raise AdapterFileError(
                 f"{directory}: module {name} tensors do not fit the config {expected}; save it again"
             )
-    exact = dataclasses.replace(config, targets=list(metadata["modules"]), exclude=None)
+    groups: dict[tuple, list[str]] = {}  # modules of one (r, alpha) are built together
+    for name, module in configs.items():
+        groups.setdefault((module.r, module.alpha), []).append(name)
+    layers = {}
     try:
-        layers = build_layers(model, exact, initialize=False, fingerprints=fingerprints)
+        for names in groups.values():
+            exact = dataclasses.replace(configs[names[0]], targets=names, exclude=None)
+            layers.update(build_layers(model, exact, initialize=False, fingerprints=fingerprints))
     except ConfigError as exc:
         raise AdapterFileError(f"adapter at {directory} cannot be applied: {exc}") from None
+    layers = {name: layers[name] for name in metadata["modules"]}  # the file's order
     shared = next((layer.shared for layer in layers.values() if layer.shared is not None), None)
     saved_shared = (metadata.get("shared") or {}).get("tensors", {})
     wanted = {} if shared is None else {key: tuple(value.shape) for key, value in shared.stored_tensors().items()}
@@ -361,6 +406,6 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
     if shared is not None:
         shared.load_tensors({key: tensors[f"{SHARED}.{key}"] for key in shared.stored})
     for name, layer in layers.items():
-        layer.config = config
+        layer.config = configs[name]
         layer.load_tensors({key: tensors[f"{name}.{key}"] for key in layer.stored})
     return model

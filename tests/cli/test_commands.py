@@ -193,3 +193,22 @@ def test_python_dash_m_and_console_script_agree(trained):
         assert via_script.stdout == via_module.stdout and via_script.stdout.strip()
     assert via_script.stdout != run("--version").stdout
     assert run("--version").stdout.strip() == f"lorakit {lorakit.__version__}"
+
+
+def test_inspect_lists_per_module_ranks(tmp_path, capsys):
+    from conftest import tiny_llama
+
+    from lorakit.cli import main
+
+    model = tiny_llama()
+    layers = {}
+    for rank, targets in ((2, ["q_proj"]), (6, ["v_proj"])):
+        layers.update(lorakit.inject.build_layers(model, lorakit.AdapterConfig(r=rank, targets=targets)))
+    lorakit.inject.install(model, layers)
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    text = capsys.readouterr().out
+    total = sum(layer.r for layer in layers.values())
+    assert f"ranks:       per module, 2 to 6, total {total}" in text
+    for name, layer in layers.items():  # every module is listed with its rank
+        assert f"  {name}  {layer.in_features} -> {layer.out_features}  r={layer.r}  " in text

@@ -100,3 +100,29 @@ def test_final_adapter_is_one_lora_of_all_links_and_exports_to_peft(tiny_model_d
     ids = torch.arange(12).reshape(1, 12)
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("outer", ["orthonormal", "normal", "qr"])
+def test_lora_mini_chain_is_saved_compact(outer, inputs, tmp_path):
+    """Links share the outer matrices, so the chain is one LoRA-Mini of inner rank Σ r_j: a small file that
+    computes the trained model, also after the chain went through a checkpoint (resume)."""
+    base = tiny_llama()
+    config = make_config("mini-orthonormal", mini_outer=outer, rslora=True)
+    model = lorakit.adapt(fresh_copy(base), config)
+    optimizer = torch.optim.AdamW(lorakit.inject.trainable_parameters(model), lr=1e-3)
+    cola = ChainOfLora({"links": 3})
+    for step in range(6):
+        perturb_adapters(model, seed=step, scale=0.05)
+        cola.after_optimizer_step(TrainingState(model, optimizer, None, step, 6, 0))
+    perturb_adapters(model, seed=7, scale=0.05)  # the last link trained too
+    trained = model_output(model, inputs)
+    # a resumed procedure (state and tensors from the checkpoint) saves the same adapter
+    resumed = ChainOfLora({"links": 3})
+    resumed.load_state_dict(cola.state_dict(), cola.state_tensors(model), model)
+    lorakit.save_adapter(model, tmp_path / "adapter", layers=resumed.layers_to_save(model))
+    meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert meta["method"] == "mini" and meta["config"]["r"] == 3 * config.r  # 3 links of inner rank r
+    stored = sum(t.numel() for t in lorakit.read_adapter(tmp_path / "adapter")[2].values())
+    assert stored == len(meta["modules"]) * 3 * config.r * (config.mini_a + config.mini_b)  # inner matrices only
+    loaded = lorakit.load_adapter(fresh_copy(base), tmp_path / "adapter")
+    torch.testing.assert_close(model_output(loaded, inputs), trained, atol=1e-5, rtol=1e-5)

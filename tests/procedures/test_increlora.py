@@ -16,7 +16,6 @@ from conftest import VOCAB, tiny_llama
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.methods.lora import LoraLayer
 from lorakit.procedures import PROCEDURES, parse_procedure
 from lorakit.procedures.base import TrainingState
 from lorakit.procedures.increlora import (
@@ -279,7 +278,7 @@ def test_reserves_take_part_in_the_forward_and_are_dropped_at_the_end():
             m.write_layer()
         assert torch.equal(model(ids).logits, logits)
     # the final adapter is the active components only, and computes the live model
-    layers = proc.final_layers(model, pad=False)
+    layers = proc.final_layers(model)
     assert {name: layer.r for name, layer in layers.items()} == proc.ranks()
     for m in proc.modules:
         torch.testing.assert_close(layers[m.name].delta_linear(), m.layer.delta_linear(), rtol=1e-5, atol=1e-7)
@@ -394,13 +393,15 @@ def test_saved_adapter_reproduces_the_live_model_on_the_original_base(tmp_path):
     loaded = lorakit.load_adapter(tiny_llama(), tmp_path / "adapter")  # the ORIGINAL base, strict
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, live, rtol=1e-5, atol=1e-5)
-    # the file: one plain LoRA, zero-padded to the largest rank; the non-zero rows are each module's rank
+    # the file: one plain LoRA per module at its own rank (alpha = rank: scale 1), no padding
     meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
     tensors = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
-    assert meta["method"] == "lora" and meta["config"]["r"] == max(ranks.values()) == meta["config"]["alpha"]
+    assert meta["method"] == "lora" and meta["format_version"] == 3
     for name, rank in ranks.items():
+        info = meta["modules"][name]
+        assert (info.get("r", meta["config"]["r"]), info.get("alpha", meta["config"]["alpha"])) == (rank, rank)
         a, b = tensors[f"{name}.A"], tensors[f"{name}.B"]
-        assert int((a.abs().sum(dim=1) > 0).sum()) == rank and int((b.abs().sum(dim=0) > 0).sum()) == rank
+        assert a.shape[0] == b.shape[1] == rank and int((a.abs().sum(dim=1) > 0).sum()) == rank
     report = proc.report()
     assert report["ranks"] == ranks and report["total_rank"] == sum(ranks.values()) and report["budget"] == 24
     # the reserves trained too: more trained parameters than saved ones
@@ -417,27 +418,22 @@ def test_peft_export_with_rank_pattern(tmp_path):
     ids = batch(99)
     with torch.no_grad():
         live = model(ids).logits
-    # the per-module ranks (not padded) installed on a fresh base and exported: PEFT gets r and a rank_pattern
-    base = tiny_llama()
-    exact = proc.final_layers(model, pad=False)
-    modules = dict(base.named_modules())
-    layers = {name: LoraLayer(modules[name], layer.config, name, initialize=False) for name, layer in exact.items()}
-    for name, layer in layers.items():
-        layer.load_tensors(exact[name].stored_tensors())
-    lorakit.inject.install(base, layers)
-    lorakit.export_peft(base, tmp_path / "peft")
-    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # the saved file holds each module at its own rank (no padding), loads with the strict check, and exports to
+    # PEFT with r and a rank_pattern
     ranks = proc.ranks()
+    lorakit.save_adapter(model, tmp_path / "adapter", layers=proc.layers_to_save(model))
+    meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert {name: info.get("r", meta["config"]["r"]) for name, info in meta["modules"].items()} == ranks
+    stored = load_file(tmp_path / "adapter" / "adapter.safetensors")
+    assert sum(t.numel() for t in stored.values()) == proc.report()["saved_parameters"]  # not a padded float more
+    loaded = lorakit.load_adapter(tiny_llama(), tmp_path / "adapter")
+    assert {name: layer.r for name, layer in lorakit.adapter_layers(loaded)} == ranks
+    lorakit.export_peft(loaded, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["rank_pattern"] and {n: config["rank_pattern"].get(re.escape(n), config["r"]) for n in ranks} == ranks
     exported = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, live, atol=1e-4, rtol=1e-4)
-    # the padded file exports as well (one r, zero rows) and PEFT computes the same
-    lorakit.save_adapter(model, tmp_path / "adapter", layers=proc.layers_to_save(model))
-    lorakit.export_peft(lorakit.load_adapter(tiny_llama(), tmp_path / "adapter"), tmp_path / "peft-padded")
-    padded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft-padded")
-    with torch.no_grad():
-        torch.testing.assert_close(padded(ids).logits, live, atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- resume

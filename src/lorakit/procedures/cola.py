@@ -25,8 +25,13 @@ link, concatenated into one plain LoRA of rank Σ r_j (alpha = rank, so its scal
 loads onto the original base with the strict check, and exports to PEFT as any LoRA. Works with every method whose
 update is low rank, per layer and of one rank in every layer (LoRA, OLoRA (rank 2r per link), LoRA-Mini,
 LoRA-XS, MELoRA, PRoLoRA); MoRA (rank r̂ differs per module; `rope` is not low rank) and LoRTA (one tensor shared
-by all layers) are refused. For LoRA-Mini the
-file therefore holds dense rank-r factors, not the compact inner matrices.
+by all layers) are refused.
+
+LoRA-Mini stays compact: every link of a module shares the frozen outer matrices (they come from (seed, module) or
+the base weight, not from the link's seed), so the chain is Σ_j s·B_out B_in,j A_in,j A_out = B_out [s·B_in,1 …]
+[A_in,1; …] A_out, one LoRA-Mini of inner rank Σ r_j (alpha = rank: scale 1). The file holds those inner
+matrices, Σ r_j·(a + b) floats per module, not dense rank-Σ r_j factors; the finished links' inner matrices are
+kept beside their dense form (`inner_links`, in the checkpoint too).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class ChainOfLora(Procedure):
         super().__init__(options)
         self.link = 0  # finished links
         self.knot_step = 0  # the optimizer step at which the current link began
+        self.inner_links: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # LoRA-Mini: (A_in, s·B_in) chained
 
     def knots(self, total_steps: int) -> list[int]:
         """Steps after which a link ends: equal segments of the run."""
@@ -104,8 +110,10 @@ class ChainOfLora(Procedure):
     def tie_knot(self, state: TrainingState, done: int) -> None:
         self.link += 1
         self.knot_step = done
-        for _, layer in adapter_layers(state.model):
+        for name, layer in adapter_layers(state.model):
             layer.frozen_links = chained_factors(layer)
+            if layer.method == "mini":
+                self.inner_links[name] = self.chained_inner(name, layer)
             original = layer.config
             layer.config = dataclasses.replace(original, seed=original.seed + self.link)  # a fresh draw per link
             try:
@@ -115,6 +123,14 @@ class ChainOfLora(Procedure):
         state.optimizer.state.clear()  # Adam's moments and step count start again
         if self.settings["schedule"] == "rewarm":
             self.rewarm(state, done)
+
+    def chained_inner(self, name: str, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA-Mini: (A_in, s·B_in) of the finished links and the current one, concatenated along the rank."""
+        a, b = layer.A_in.detach().clone(), layer.B_in.detach() * layer.scale
+        if name in self.inner_links:
+            a = torch.cat([self.inner_links[name][0], a])
+            b = torch.cat([self.inner_links[name][1], b], dim=1)
+        return a.contiguous(), b.contiguous()
 
     def rewarm(self, state: TrainingState, done: int) -> None:
         """Scale the next step's rate (just set by the scheduler) by the re-warm-up factor."""
@@ -131,21 +147,36 @@ class ChainOfLora(Procedure):
         for name, layer in adapter_layers(model):
             if layer.frozen_links is not None:
                 tensors[f"{name}.A"], tensors[f"{name}.B"] = layer.frozen_links
+            if name in self.inner_links:
+                tensors[f"{name}.A_in"], tensors[f"{name}.B_in"] = self.inner_links[name]
         return tensors
 
     def load_state_dict(self, state: dict, tensors: dict, model) -> None:
         self.link, self.knot_step = state.get("link", 0), state.get("knot_step", 0)
         for name, layer in adapter_layers(model):
+            device = layer.base_layer.weight.device
             if f"{name}.A" in tensors:
-                device = layer.base_layer.weight.device
                 layer.frozen_links = tuple(
                     tensors[f"{name}.{key}"].to(device=device, dtype=layer.factor_dtype) for key in ("A", "B")
                 )
+            if f"{name}.A_in" in tensors:
+                self.inner_links[name] = tuple(
+                    tensors[f"{name}.{key}"].to(device=device, dtype=layer.factor_dtype) for key in ("A_in", "B_in")
+                )
 
     def layers_to_save(self, model) -> dict:
-        """Every link and the current one as one plain LoRA per module (scale 1), relative to the original base."""
+        """Every link and the current one as one plain LoRA per module (scale 1), relative to the original base;
+        LoRA-Mini as one LoRA-Mini of the chained inner matrices."""
         result = {}
         for name, layer in adapter_layers(model):
+            if layer.method == "mini":
+                a_in, b_in = self.chained_inner(name, layer)
+                rank = a_in.shape[0]
+                config = dataclasses.replace(layer.config, r=rank, alpha=rank, rslora=False)
+                mini = type(layer)(layer.base_layer, config, name, initialize=False, fingerprint=layer.base_fingerprint)
+                mini.load_tensors({"A_in": a_in, "B_in": b_in})
+                result[name] = mini
+                continue
             a, b = chained_factors(layer)
             rank = a.shape[0]
             config = AdapterConfig(method="lora", r=rank, alpha=rank, targets=[name], seed=layer.config.seed)

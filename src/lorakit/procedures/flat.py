@@ -12,9 +12,10 @@ the run (the paper's cosine-increasing noise schedule); ρ = `rho` defaults to 0
 Where lorakit differs from the authors' code, on purpose:
 - The noise never touches the stored weight: the layer computes F.linear(x, W + ε, b) with a temporary W + ε
   (`AdapterLayer.weight_noise`), so after every step the base weights are bit-identical to before. The authors
-  add ε in place and subtract it again, which is not exact in floating point (fl(W + ε) − ε ≠ W). Cost: one
-  temporary W + ε per adapted layer kept for the backward pass, i.e. up to one extra copy of the adapted
-  weights in memory during a step (measured in `make bench`).
+  add ε in place and subtract it again, which is not exact in floating point (fl(W + ε) − ε ≠ W). ε itself is
+  never kept: `before_step` fixes each layer's σ (a vector) and the layer draws ε inside its forward, directly
+  into the buffer that becomes W + ε. Cost: one temporary W + ε per adapted layer, kept for the backward pass,
+  i.e. one extra copy of the adapted weights in memory during a step (`benchmarks/bench_procedures.py`).
 - ε comes from a generator seeded by (seed, step, module), not the clock: a resumed run draws the same noise, every
   process of a DDP run draws the same ε, and all micro-batches of one gradient-accumulation step share it.
 - Eval and save always see the unperturbed model: the noise exists only between `before_step` and
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -46,6 +48,27 @@ def noise_scale(step: int, total_steps: int) -> float:
     return 0.5 * (1.0 - math.cos(math.pi * step / max(total_steps, 1)))
 
 
+@dataclass
+class LayerNoise:
+    """ε of one layer for one step: ε_ij = σ_i·z_ij with z ~ N(0, 1) from the generator of (seed, step, module)."""
+
+    sigma: torch.Tensor  # out × 1, float32, on the weight's device
+    shape: torch.Size  # out × in (nn.Linear layout)
+    seed: int
+    step: int
+    module: str
+
+    def sample(self, dtype: torch.dtype) -> torch.Tensor:
+        """ε in `dtype`: the same tensor on every call (every micro-batch, every process, a resumed run)."""
+        gen = noise_generator(self.seed, self.step, self.module)
+        noise = torch.randn(self.shape, generator=gen, dtype=torch.float32).to(self.sigma.device)
+        return noise.mul_(self.sigma).to(dtype)
+
+    def perturbed(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + ε as a new tensor, W only read: bit-equal to `weight + self.sample(weight.dtype)`, one buffer."""
+        return self.sample(weight.dtype).add_(weight)
+
+
 @register_procedure
 class FlatLora(Procedure):
     name = "flat"
@@ -55,16 +78,19 @@ class FlatLora(Procedure):
     def before_step(self, state: TrainingState) -> None:
         factor = noise_scale(state.step, state.total_steps) * self.settings["rho"]
         for name, layer in adapter_layers(state.model):
-            layer.weight_noise = None if factor == 0 else self.draw(layer, name, factor, state)
+            layer.weight_noise = None if factor == 0 else self.noise(layer, name, factor, state)
 
-    def draw(self, layer, name: str, factor: float, state: TrainingState) -> torch.Tensor:
-        """ε for one layer in nn.Linear layout and the base weight's dtype."""
+    @torch.no_grad()
+    def noise(self, layer, name: str, factor: float, state: TrainingState) -> LayerNoise:
+        """The layer's ε for this step, drawn when the layer's forward needs it: σ_i = factor·‖W'_i‖/√in."""
         weight = layer.base_weight_linear()
         merged = weight.to(layer.factor_dtype) + layer.delta_linear().detach()
         sigma = torch.linalg.vector_norm(merged, dim=1, keepdim=True) * (factor / math.sqrt(layer.in_features))
-        gen = noise_generator(state.seed, state.step, name)
-        noise = torch.randn(merged.shape, generator=gen, dtype=torch.float32).to(merged.device)
-        return (noise.mul_(sigma.to(noise.dtype))).to(weight.dtype)
+        return LayerNoise(sigma.to(torch.float32), weight.shape, state.seed, state.step, name)
+
+    def draw(self, layer, name: str, factor: float, state: TrainingState) -> torch.Tensor:
+        """ε for one layer in nn.Linear layout and the base weight's dtype."""
+        return self.noise(layer, name, factor, state).sample(layer.base_weight_linear().dtype)
 
     def after_backward(self, state: TrainingState) -> None:
         for _, layer in adapter_layers(state.model):

@@ -70,9 +70,9 @@ can grow other modules than a 1-process run with the double batch. `sync=gradien
 instead (one all_reduce of out × in floats per module and step while growing) and then matches one process.
 
 Output. The reserves are dropped; the final adapter is one plain LoRA per module with its active rank r_i
-(A = A_active, B = c·B_active·diag(E_active), alpha = r so the scale is 1), zero-padded to the largest r_i because
-the lorakit file format holds one rank for all modules (the padding rows are zero; `ranks()` / `report()` give the
-true ranks, which sum to ≤ the budget). During training the reserves and the pre-allocated capacity are extra:
+(A = A_active, B = c·B_active·diag(E_active), alpha = r_i so the scale is 1), each module at its own rank r_i (the
+file's per-module ranks; `lorakit inspect` lists them, PEFT export writes them as rank_pattern). The r_i sum to
+≤ the budget (`ranks()`, `report()`). During training the reserves and the pre-allocated capacity are extra:
 `report()` gives the trained parameter count (active + reserve components) next to the saved one.
 
 Not supported: methods other than lora, --rslora (IncreLoRA scales by alpha/ranknum), --optimizer rite,
@@ -81,6 +81,7 @@ Not supported: methods other than lora, --rslora (IncreLoRA scales by alpha/rank
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -88,7 +89,6 @@ import torch
 from torch import nn
 
 from .. import random as lk_random
-from ..config import AdapterConfig
 from ..errors import ConfigError
 from ..inject import adapter_layers
 from ..methods.lora import LoraLayer
@@ -565,26 +565,19 @@ class IncreLora(Procedure):
         b = (module.data["Bt"][:r] * (module.data["E"][:r] * c)[:, None]).T.contiguous()
         return a, b
 
-    def final_layers(self, model, *, pad: bool = True) -> dict:
-        """The final adapter: one plain LoRA per module of its active rank (scale 1), the reserves dropped;
-        `pad`: zero-padded to the largest rank (the file format holds one rank for every module)."""
+    def final_layers(self, model) -> dict:
+        """The final adapter: one plain LoRA per module of its active rank r_i (alpha = r_i: scale 1), the reserves
+        dropped."""
         own = {m.name: m for m in self.modules}
-        width = max(m.active for m in self.modules)
         result = {}
         for name, layer in adapter_layers(model):
             a, b = self.final_factors(own[name])
-            rank = width if pad else a.shape[0]
-            config = AdapterConfig(
-                method="lora", r=rank, alpha=rank, targets=[name], seed=layer.config.seed, dropout=layer.config.dropout
-            )
+            rank = a.shape[0]
+            config = dataclasses.replace(layer.config, r=rank, alpha=rank)
             lora = LoraLayer(layer.base_layer, config, name, initialize=False, fingerprint=layer.base_fingerprint)
-            with torch.no_grad():
-                lora.A.zero_()
-                lora.B.zero_()
-                lora.A[: a.shape[0]].copy_(a)
-                lora.B[:, : b.shape[1]].copy_(b)
+            lora.load_tensors({"A": a, "B": b})
             result[name] = lora
         return result
 
     def layers_to_save(self, model) -> dict:
-        return self.final_layers(model, pad=True)
+        return self.final_layers(model)

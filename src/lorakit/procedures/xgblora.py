@@ -42,10 +42,9 @@ How it fits lorakit (the paper attaches adapters to the picked layers only, and 
   state restarts at each round.
 
 The final adapter is relative to the ORIGINAL base: per module, every booster it received, concatenated along the
-rank as one plain LoRA (alpha = rank, scale 1, s·α_t folded into B). lorakit's adapter format has one rank per
-file, so modules are zero-padded to the largest rank (zero rows in A, zero columns in B: ΔW is exactly the same),
-and modules never picked are left out of the file (rank 0). It loads onto the original base with the strict check
-and exports to PEFT as any LoRA. The padding costs (R_max − R_i)·(in + out) stored floats per module.
+rank as one plain LoRA of that module's own rank R_i (alpha = R_i, scale 1, s·α_t folded into B: the file's
+per-module ranks, listed by `lorakit inspect`); modules never picked are left out of the file (rank 0). It loads
+onto the original base with the strict check and exports to PEFT with a rank_pattern.
 
 The number of trainable parameters per round (the picked layers' trained tensors) is `trainable_per_round()`;
 `describe()` (the run summary's "procedure") ends with it, since the loop's "trainable_parameters" counts every
@@ -286,31 +285,24 @@ class XGBLora(Procedure):
                 )
 
     def layers_to_save(self, model) -> dict | None:
-        """Every booster each module received, one plain LoRA (scale 1) zero-padded to the largest rank; modules
-        never picked are left out."""
-        factors = {}
+        """Every booster each module received, one plain LoRA of the module's own rank (scale 1); modules never
+        picked are left out."""
+        result = {}
         for name, layer in adapter_layers(model):
             live = self.picks is None or name in self.picks  # a booster still training (outside a full run)
             if live:
-                factors[name] = with_links(layer, *booster_factors(layer))
+                a, b = with_links(layer, *booster_factors(layer))
             elif layer.frozen_links is not None:
-                factors[name] = layer.frozen_links
-        if not factors:
-            return None
-        rank = max(a.shape[0] for a, _ in factors.values())
-        layers = dict(adapter_layers(model))
-        result = {}
-        for name, (a, b) in factors.items():
-            layer = layers[name]
-            config = AdapterConfig(method="lora", r=rank, alpha=rank, targets=sorted(factors), seed=layer.config.seed)
+                a, b = layer.frozen_links
+            else:
+                continue
+            config = AdapterConfig(
+                method="lora", r=a.shape[0], alpha=a.shape[0], targets=layer.config.targets, seed=layer.config.seed
+            )
             lora = LoraLayer(layer.base_layer, config, name, initialize=False, fingerprint=layer.base_fingerprint)
-            with torch.no_grad():
-                lora.A.zero_()
-                lora.B.zero_()
-                lora.A[: a.shape[0]].copy_(a)
-                lora.B[:, : b.shape[1]].copy_(b)
+            lora.load_tensors({"A": a, "B": b})
             result[name] = lora
-        return result
+        return result or None
 
     def report(self) -> dict:
         return {"trainable_per_round": list(self.per_round or [])}
