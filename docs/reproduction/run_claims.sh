@@ -6,7 +6,7 @@
 #
 #   bash docs/reproduction/run_claims.sh [uuid|stdlib|manpages ...]    (default: all three, in that order)
 #
-# Budget on 2 CPU cores (measured figures in docs/reproduction.md): uuid ~0.5 h, stdlib and manpages ~3-4 h each.
+# Budget on 2 CPU cores: uuid ~2 h (SmolLM2 trains at ~150 tokens/s here), stdlib and manpages ~4 h each.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LORAKIT=${LORAKIT:-.venv/bin/lorakit}

@@ -92,8 +92,10 @@ def test_procedure_trains_saves_and_resumes_exactly(name, tmp_path):
     Trainer(model=whole, args=arguments(tmp_path / "unused")).save_model(str(tmp_path / "final"))
     reloaded = lorakit.load_adapter(tiny_llama(), tmp_path / "final")
     assert torch.allclose(logits(reloaded), logits(whole), atol=1e-5, rtol=0)
-    if name != "flat":  # the procedure's final form: every link / booster / active rank as one plain LoRA
-        assert json.loads((tmp_path / "final" / "adapter.json").read_text())["method"] == "lora"
+    if name != "flat":  # the procedure's final form: every link / booster / active rank as one plain LoRA (a
+        # chain of LoRA-Mini links as one compact LoRA-Mini)
+        expected = "mini" if variant.startswith("mini") else "lora"
+        assert json.loads((tmp_path / "final" / "adapter.json").read_text())["method"] == expected
     # resume after the step-2 checkpoint as if killed there (Chain of LoRA: right after a knot)
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     for later in ("checkpoint-4", "checkpoint-6"):
