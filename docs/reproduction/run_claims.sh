@@ -14,11 +14,12 @@ LORAKIT=${LORAKIT:-.venv/bin/lorakit}
 # The thirteen: eight adapter methods, four procedures on LoRA, and the RITE optimizer on LoRA. LoRTA adapts
 # q/k/v/o by design, so a LoRA on the same targets is its same-budget reference. Budgets where a paper sets one:
 # LoRA-XS at r=16 (its main setting), MELoRA with 8 blocks of rank 2 (rank 16 at 1/8 of LoRA-16's parameters, as
-# the paper compares), XGBLoRA with its rank-1 boosters, IncreLoRA at an average rank of 8 (capacity 16).
+# the paper compares), XGBLoRA with its rank-1 boosters, IncreLoRA at an average rank of 8 (its --rank is the
+# budget; capacity 2·8 + 4 = 20 per module).
 METHODS="lora,olora,mini,loraxs,melora:r=2:blocks=8,prolora,mora,lorta:targets=q_proj/k_proj/v_proj/o_proj"
 METHODS+=",lora:targets=q_proj/k_proj/v_proj/o_proj"
 METHODS+=",lora:procedure=flat,lora:procedure=cola/links=3,lora:procedure=xgblora/layers=8:r=1"
-METHODS+=",lora:procedure=increlora/target_rank=8:r=16,lora:optimizer=rite"
+METHODS+=",lora:procedure=increlora:r=8,lora:optimizer=rite"
 
 COMMON=(--lr-sweep auto --sweep-steps 15 --seeds 1,2,3 --batch-size 4 --eval-limit 48 --warmup 5 --rank 16)
 

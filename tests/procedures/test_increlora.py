@@ -88,8 +88,10 @@ def test_registry_options_and_refusals():
         procedure().check_model(adapted(method="olora"))
     with pytest.raises(lorakit.ConfigError, match="without --rslora"):
         procedure().check_model(adapted(rslora=True))
-    with pytest.raises(lorakit.ConfigError, match=r"--rank 5 is the capacity .* target_rank \+ increment = 6"):
+    with pytest.raises(lorakit.ConfigError, match=r"capacity per module .* is 5 and must be >= target_rank \+ increment = 6"):
         procedure(target_rank=4).check_model(adapted(rank=5))
+    with pytest.raises(lorakit.ConfigError, match="give target_rank=N .* adapted outside `lorakit train`"):
+        IncreLora({}).check_model(adapted(rank=5))
     model = adapted()
     with pytest.raises(lorakit.ConfigError, match="use --optimizer adamw"):
         procedure().on_train_begin(TrainingState(model, torch.optim.SGD(model.parameters(), lr=0.1), None, 0, 4, 0))
@@ -382,6 +384,17 @@ def trained(steps=6, **options):
     return model, proc
 
 
+def test_rank_flag_is_the_budget_and_the_layers_get_the_capacity():
+    """`lorakit train --rank 8 --procedure increlora`: the budget's average rank is 8, each layer holds the capacity
+    2·8 + 4 = 20 components; target_rank and capacity override."""
+    config = lorakit.AdapterConfig(r=8)
+    proc = IncreLora(parse_procedure("increlora")[1])
+    assert proc.adapter_config(config).r == 20 and proc.target_rank == 8 and proc.increment == 4
+    assert "target_rank=8" in proc.describe() and "capacity=20" in proc.describe()
+    proc = IncreLora(parse_procedure("increlora:target_rank=2,capacity=7")[1])
+    assert proc.adapter_config(config).r == 7 and proc.target_rank == 2
+
+
 def test_saved_adapter_reproduces_the_live_model_on_the_original_base(tmp_path):
     model, proc = trained()
     ranks = proc.ranks()
@@ -550,3 +563,27 @@ def test_two_processes_make_the_same_growth_decisions(tmp_path):
     assert max((g0[k] - single[k]).abs().max().item() for k in single) <= 1e-5
     for name, module in reference["state"]["modules"].items():
         assert r0["state"]["modules"][name]["ipt"] == pytest.approx(module["ipt"], rel=1e-5)
+
+
+def test_train_rank_flag_is_the_average_rank_of_the_budget(tiny_model_dir, instruction_file, tmp_path):
+    from lorakit.models import load_model
+    from lorakit.training import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(instruction_file),
+        out=str(tmp_path / "run"),
+        procedure="increlora:warmup=0,interval=1,top_h=3,rewarm_steps=1",
+        rank=2,
+        steps=3,
+        batch_size=2,
+        lr=1e-2,
+        max_length=64,
+        quiet=True,
+    )
+    summary = train(cfg)
+    report = summary["procedure_report"]
+    assert report["budget"] == 2 * len(report["ranks"]) and report["total_rank"] <= report["budget"]
+    assert "target_rank=2" in summary["procedure"] and "capacity=5" in summary["procedure"]  # 2·2 + increment 1
+    widths = sum(l.in_features + l.out_features for _, l in lorakit.adapter_layers(lorakit.adapt(load_model(str(tiny_model_dir))[0], cfg.adapter_config())))
+    assert report["capacity_parameters"] == 5 * widths

@@ -45,6 +45,12 @@ class Procedure:
     def __init__(self, options: dict):
         self.settings = {key: options.get(key, option.default) for key, option in self.options.items()}
 
+    def adapter_config(self, config):
+        """The adapter config the run builds, given the one its flags describe; called by `lorakit train` before
+        the model is adapted and on --resume (so the procedure settles its settings either way). IncreLoRA: --rank
+        is the average rank of the budget, and the layers are allocated at the per-module capacity."""
+        return config
+
     def on_train_begin(self, state: TrainingState) -> None:
         pass
 

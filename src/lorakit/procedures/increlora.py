@@ -50,9 +50,14 @@ the remaining steps). Adam's moments and step count are per group, so bias corre
 exactly as for new parameters. The run's own optimizer steps nothing (the adapter's gradients are handed to this
 one and cleared).
 
+Ranks on the command line: `lorakit train --rank 8 --procedure increlora` grows to a budget of average rank 8
+(`target_rank` overrides --rank). The layers are allocated at a per-module CAPACITY R (active + reserve components,
+option `capacity`, default 2·target_rank + increment, ours: the authors' modules grow without a per-module cap, so
+here a module can reach about twice the average rank). A model adapted outside `lorakit train` (the Trainer
+callback) has R = its adapter's r, and must then give target_rank; R must be ≥ target_rank + increment.
+
 How it fits lorakit with fixed shapes (DDP registers parameters once; checkpoints and optimizer state expect fixed
-tensors). The run adapts with plain LoRA at rank R = --rank per module: R is the CAPACITY (active + reserve
-components), and must be ≥ target_rank + increment. The true factors A (R×in, the layer's own A), B (R×out, kept
+tensors). The run adapts with plain LoRA at rank R per module. The true factors A (R×in, the layer's own A), B (R×out, kept
 here transposed) and E (R) are fixed-size tensors; components are allocated in order (active, then reserves, then
 unused), so each optimizer group is a set of row ranges, which the optimizer sees as Parameters aliasing those
 rows (and Adam's moments alias fixed-size moment tensors). The layer's B holds the EFFECTIVE factor
@@ -219,7 +224,12 @@ class _Module:
 class IncreLora(Procedure):
     name = "increlora"
     options = {
-        "target_rank": Option(8, int, "average rank of the budget (total rank = target_rank x modules)", minimum=1),
+        "target_rank": Option(
+            0, int, "average rank of the budget, total rank = target_rank x modules (0: --rank)", minimum=0
+        ),
+        "capacity": Option(
+            0, int, "components allocated per module, active + reserve (0: 2 x target_rank + increment)", minimum=0
+        ),
         "increment": Option(
             0, int, "ranks a selected module gains (0: target_rank // 2, the authors' table)", minimum=0
         ),
@@ -248,12 +258,32 @@ class IncreLora(Procedure):
 
     # ----------------------------------------------------------------- settings
     @property
+    def target_rank(self) -> int:
+        if not self.settings["target_rank"]:
+            raise ConfigError(
+                "--procedure increlora: give target_rank=N (the budget's average rank) when the model was adapted "
+                "outside `lorakit train`; its adapter's r is the capacity per module"
+            )
+        return self.settings["target_rank"]
+
+    @property
     def increment(self) -> int:
-        return self.settings["increment"] or default_increment(self.settings["target_rank"])
+        return self.settings["increment"] or default_increment(self.target_rank)
+
+    @property
+    def capacity(self) -> int:
+        return self.settings["capacity"] or 2 * self.target_rank + self.increment
+
+    def adapter_config(self, config):
+        """--rank is the budget's average rank (unless target_rank is given); the layers get the capacity."""
+        if not self.settings["target_rank"]:
+            self.settings["target_rank"] = config.r
+        self.settings["capacity"] = self.capacity
+        return dataclasses.replace(config, r=self.capacity)
 
     @property
     def budget(self) -> int:
-        return self.settings["target_rank"] * len(self.modules)
+        return self.target_rank * len(self.modules)
 
     @property
     def total(self) -> int:
@@ -269,11 +299,11 @@ class IncreLora(Procedure):
         config = layers[0][1].config
         if config.rslora:
             raise ConfigError("--procedure increlora scales by alpha/ranknum; train it without --rslora")
-        need = self.settings["target_rank"] + self.increment
+        need = self.target_rank + self.increment
         if config.r < need:
             raise ConfigError(
-                f"--procedure increlora: --rank {config.r} is the capacity per module (active + reserve ranks) and "
-                f"must be >= target_rank + increment = {need}; use --rank {need} or more, or a lower target_rank"
+                f"--procedure increlora: the capacity per module (active + reserve ranks) is {config.r} and must be "
+                f">= target_rank + increment = {need}; use capacity={need} or more (a model adapted by you: r >= {need})"
             )
 
     # ----------------------------------------------------------------- the run

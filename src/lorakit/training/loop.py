@@ -150,10 +150,11 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     try:
         # On the whole model, before any sharding: OLoRA and LoRA-Mini "qr" factor full weights, and the base
         # fingerprints (taken when the adapter layers are built) are those of full weights.
-        model = load_adapter(base, resume_from) if resume_from else adapt(base, cfg.adapter_config())
+        procedure = _make_procedure(cfg)  # its options and the model it must train are checked before anything is written
+        adapter_config = procedure.adapter_config(cfg.adapter_config()) if procedure else cfg.adapter_config()
+        model = load_adapter(base, resume_from) if resume_from else adapt(base, adapter_config)
     except ConfigError as exc:
         raise ConfigError(flags_in_message(str(exc))) from None
-    procedure = _make_procedure(cfg)  # its options and the model it must train are checked before anything is written
     try:
         if procedure is not None:
             procedure.check_model(model)
