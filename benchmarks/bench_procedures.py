@@ -144,12 +144,10 @@ def _peak_rss_child(variant: str) -> None:
     run = Run(FlatLora({}) if variant == "flat" else None)
     common._BASE.clear()
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM (Linux >= 4.0)
+    common.reset_peak_rss()
     run.step(ids, labels)
     run.step(ids, labels)
-    status = open("/proc/self/status").read()
-    print(json.dumps({"peak_rss_bytes": int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024}))
+    print(json.dumps({"peak_rss_bytes": common.peak_rss_bytes()}))
 
 
 def flat_memory() -> dict:

@@ -92,13 +92,10 @@ def _peak_rss_child(config: str) -> None:
     step, _ = make(config)
     common._BASE.clear()  # drop the loader's copy: the step's peak is what is measured
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM (Linux >= 4.0)
+    common.reset_peak_rss()
     step()
     step()
-    status = open("/proc/self/status").read()
-    peak_kib = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1])
-    print(json.dumps({"peak_rss_bytes": peak_kib * 1024}))
+    print(json.dumps({"peak_rss_bytes": common.peak_rss_bytes()}))
 
 
 def peak_memory() -> dict:

@@ -50,6 +50,18 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's resident-memory high-water mark (VmHWM; Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-memory high-water mark since the last reset."""
+    status = open("/proc/self/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
 _BASE = {}
 
 
