@@ -368,3 +368,29 @@ def test_lr_sweep_on_a_tiny_model_extends_past_the_best_end(tiny_model_dir, inst
     assert entry["lr_at_sweep_edge"] == (len(entry["lr_sweep_extended"]) == 3 and entry["lr"] == max(rates))
     report = (tmp_path / "s" / "report.md").read_text()
     assert "Learning-rate sweep" in report and "± 0" not in report
+
+
+def test_a_procedure_is_plotted_and_reported_at_its_saved_adapter_size(tmp_path):
+    """Chain of LoRA trains r at once and saves every link: its point is at the saved count, and the table says both."""
+    from lorakit.compare.plots import plotted_parameters
+    from lorakit.compare.report import markdown, summarise
+
+    out = tmp_path / "run"
+    (out / "adapter").mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"final_eval_loss": 3.3, "trainable_parameters": 4096}))
+    (out / "adapter" / "adapter.json").write_text(json.dumps({"trainable_parameters": 12288}))
+    finished = runner._finished(out)
+    assert finished["adapter_parameters"] == 12288 and finished["trainable_parameters"] == 4096
+
+    (out / "adapter" / "adapter.json").write_text("{not json")  # unreadable: fall back to the trainable count
+    assert runner._finished(out)["adapter_parameters"] == 4096
+
+    results = _synthetic([1, 2])
+    for run in results["methods"]["lora"]["runs"].values():
+        run["adapter_parameters"] = 3 * run["trainable_parameters"]
+    results["methods"], _ = summarise(results["methods"], None)
+    lora, mini = results["methods"]["lora"], results["methods"]["mini"]
+    assert plotted_parameters(lora) == 3 * 4_884_480 and plotted_parameters(mini) == 215_040
+    report = markdown(results)
+    assert "| lora | 0.001 | 4,884,480 (adapter: 14,653,440) |" in report
+    assert "| mini | 0.001 | 215,040 |" in report

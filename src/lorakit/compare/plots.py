@@ -1,7 +1,7 @@
 """The plots of a comparison, drawn from results.json alone (Agg backend, no display needed):
 
 - loss.png: train and eval loss against step (mean line, band: min-max over seeds);
-- params.png: final loss against trainable parameters (mean ± std);
+- params.png: final loss against trainable parameters (mean ± std); a procedure's point sits at its saved adapter's count;
 - pareto.png: final loss against trainable parameters (log x; mean, bars: min-max over seeds), each point labelled,
   with the Pareto front (the methods no other method beats with fewer parameters) drawn as a step line;
 - loss_vs_time.png: train and eval loss against wall time (from each run's log.jsonl `elapsed_s`; mean over seeds
@@ -94,19 +94,25 @@ def _finish_loss_figure(fig, axes, results: dict, path: Path, xlabel: str, ylabe
     plt.close(fig)
 
 
+def plotted_parameters(entry: dict) -> int | None:
+    """A method's x in params.png and pareto.png: the parameters of its saved adapter (equal to the trainable ones
+    except under a procedure that keeps more or fewer than it trains at once), else its trainable parameters."""
+    return entry.get("adapter_parameters") or entry.get("trainable_parameters")
+
+
 def plot_params(results: dict, path: Path) -> None:
     plt = _pyplot()
     fig, axis = plt.subplots(figsize=(6.5, 4.5))
     for label, entry in results["methods"].items():
         mean, std = entry["mean"]["final_eval_loss"], entry["std"]["final_eval_loss"]
-        params = entry.get("trainable_parameters")
+        params = plotted_parameters(entry)
         if not params or mean is None or not math.isfinite(mean):  # no finished run
             continue
         axis.errorbar([params], [mean], yerr=None if std is None else [std], fmt="o", capsize=4, label=label)
         axis.annotate(label, (params, mean), textcoords="offset points", xytext=(6, 6), fontsize=8)
     axis.set_xscale("log")
     axis.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())  # minor labels overlap on short ranges
-    axis.set_xlabel("trainable parameters (log scale)")
+    axis.set_xlabel("trainable parameters of the saved adapter (log scale)")
     axis.set_ylabel("final loss (mean ± std over seeds)")
     axis.set_title("final loss against adapter size")
     axis.grid(alpha=0.3)
@@ -142,7 +148,7 @@ def plot_pareto(results: dict, path: Path) -> None:
     fig, axis = plt.subplots(figsize=(7.5, 5))
     points = []
     for label, entry in results["methods"].items():
-        params, spread = entry.get("trainable_parameters"), _final_spread(entry)
+        params, spread = plotted_parameters(entry), _final_spread(entry)
         if not params or spread is None:
             continue
         mean, low, high = spread
@@ -160,7 +166,7 @@ def plot_pareto(results: dict, path: Path) -> None:
     axis.set_xscale("log")
     axis.margins(x=0.15, y=0.1)
     axis.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
-    axis.set_xlabel("trainable parameters (log scale)")
+    axis.set_xlabel("trainable parameters of the saved adapter (log scale)")
     axis.set_ylabel("final loss (mean; bars: min-max over seeds)")
     axis.set_title(f"final loss against adapter size, seeds {results['seeds']}")
     axis.grid(alpha=0.3, which="both")

@@ -92,6 +92,7 @@ def summarise(methods: dict, target: float | None) -> tuple[dict, float | None]:
         entry["failed_runs"] = sum(1 for r in runs if r["status"] == "failed")
         first = ok[0] if ok else {}
         entry["trainable_parameters"] = first.get("trainable_parameters")
+        entry["adapter_parameters"] = first.get("adapter_parameters") or first.get("trainable_parameters")
         entry["adapter_bytes"] = first.get("adapter_bytes")
     return methods, target
 
@@ -178,7 +179,8 @@ def markdown(results: dict) -> str:
         f"seeds {', '.join(map(str, results['seeds']))}; same data order and schedule for every method. "
         f"Loss = {'eval' if results['has_eval'] else 'train (mean of the last 10%)'} loss; "
         f"target loss for 'steps to target': {_scalar(target, '{:.3f}')}. {spread}; diverged and failed runs "
-        "are left out of the statistics and counted beside them.",
+        "are left out of the statistics and counted beside them. Trainable params: trained at once; where the saved "
+        "adapter holds a different number (a training procedure), it follows as 'adapter:', and the plots use it.",
         "",
         "| method | lr | trainable params | adapter file | final loss | perplexity | steps to target | tokens/s | wall time | peak memory |"
         + (" exact match |" if exact else ""),
@@ -191,6 +193,8 @@ def markdown(results: dict) -> str:
         lr = f"{entry['lr']:g}" + (swept if entry.get("lr_sweep") else "")
         reached = len([r for r in entry["runs"].values() if r.get("steps_to_target") is not None])
         params = _scalar(entry["trainable_parameters"], "{:,}")
+        if entry.get("adapter_parameters") not in (None, entry["trainable_parameters"]):
+            params += f" (adapter: {entry['adapter_parameters']:,})"
         size = _scalar(entry["adapter_bytes"] and entry["adapter_bytes"] / 1e6, "{:.2f} MB")
         memory = _scalar(mean["peak_memory_bytes"] and mean["peak_memory_bytes"] / 2**30, "{:.2f} GiB")
         row = (

@@ -60,7 +60,20 @@ def run_one(cfg: TrainConfig, label: str) -> dict:
 
 
 def _finished(out: Path) -> dict:
-    return {"status": "ok", "diverged": False, **json.loads((out / "summary.json").read_text()), **read_curves(out)}
+    outcome = {"status": "ok", "diverged": False, **json.loads((out / "summary.json").read_text()), **read_curves(out)}
+    outcome["adapter_parameters"] = adapter_parameters(out / "adapter") or outcome.get("trainable_parameters")
+    return outcome
+
+
+def adapter_parameters(adapter_dir: Path) -> int | None:
+    """The parameters the saved adapter trains when loaded (its adapter.json), which a procedure can make differ from
+    the run's trainable parameters: Chain of LoRA keeps every link (3 links: 3x), IncreLoRA keeps only the ranks it
+    allocated (its capacity trains nothing until allocated), XGBLoRA keeps every round's boosters."""
+    try:
+        value = json.loads((adapter_dir / "adapter.json").read_text()).get("trainable_parameters")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def run_teeing_stderr(command: list[str], keep: int = 1 << 16) -> tuple[int, str]:
