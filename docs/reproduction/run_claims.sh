@@ -5,6 +5,7 @@
 # results.json, report.md and the plots live in docs/reproduction/<dataset>/.
 #
 #   bash docs/reproduction/run_claims.sh [uuid|stdlib|manpages ...]    (default: all three, in that order)
+#   REPORT_ONLY=1 bash docs/reproduction/run_claims.sh stdlib          (the report of what has finished; trains nothing)
 #
 # Budget on 2 CPU cores: uuid ~2 h in float32 (SmolLM2 trains at ~150 tokens/s here). stdlib and manpages train with
 # bf16 autocast (Accelerate), 1.7x faster than float32 on this CPU (AVX512-BF16): ~2-3 h each. Two parts can run at
@@ -28,13 +29,13 @@ COMMON=(--lr-sweep auto --sweep-steps 15 --seeds 1,2,3 --batch-size 4 --eval-lim
 run() {
   case "$1" in
     uuid)  # MoRA's claim: memorisation; LoRA and MoRA at equal trained parameters (r=8), exact match
-      "$LORAKIT" compare --data uuid-pairs:n=64 --methods lora,mora --rank 8 --steps 160 --batch-size 8 \
+      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data uuid-pairs:n=64 --methods lora,mora --rank 8 --steps 160 --batch-size 8 \
         --lr-sweep auto --sweep-steps 40 --seeds 1,2,3 --eval-every 40 --warmup 10 --out runs/claims-uuid ;;
     stdlib)
-      "$LORAKIT" compare --data stdlib-docstrings --methods "$METHODS" "${COMMON[@]}" --steps 60 --max-length 128 \
+      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$METHODS" "${COMMON[@]}" --steps 60 --max-length 128 \
         --eval-every 15 --out runs/claims-stdlib ;;
     manpages)
-      "$LORAKIT" compare --data manpages-summaries --methods "$METHODS" "${COMMON[@]}" --steps 80 --max-length 256 \
+      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data manpages-summaries --methods "$METHODS" "${COMMON[@]}" --steps 80 --max-length 256 \
         --eval-every 20 --out runs/claims-manpages ;;
     *) echo "unknown part $1; use uuid, stdlib or manpages" >&2; exit 2 ;;
   esac

@@ -200,6 +200,12 @@ def build_parser() -> Parser:
     p.add_argument("--target-loss", type=float, default=None, help="report steps needed to reach this eval/train loss")
     p.add_argument("--log-scale", action="store_true", help="log-scale loss axis in loss.png")
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write results.json, report.md and the plots from the runs already on disk, training nothing "
+        "(unfinished runs are reported as pending); the other flags must be the comparison's own",
+    )
+    p.add_argument(
         "--demo",
         action="store_true",
         help="the built-in demo: default model and data, a budget for ~15 min on 2 CPU cores",

@@ -109,6 +109,31 @@ def test_resume_skips_finished_runs(compared, tiny_model_dir, instruction_file):
     assert (out / "runs" / "lora" / "seed-1" / "summary.json").stat().st_mtime_ns == before
 
 
+def test_report_only_rewrites_the_report_from_disk_and_trains_nothing(
+    compared, tiny_model_dir, instruction_file, tmp_path
+):
+    import shutil
+
+    out = tmp_path / "cmp"
+    shutil.copytree(compared[0], out)
+    mini = parse_methods("lora,mini:lr=1e-1:a=8,b=8")[1]
+    shutil.rmtree(out / "runs" / mini.slug / "seed-2")  # as if the comparison were still running
+    (out / "report.md").unlink()
+    result = compare(tiny_model_dir, instruction_file, out, "--report-only")
+    assert result.returncode == 0, result.stderr
+    assert not re.findall(r"^lorakit compare: .+ seed \d+", result.stdout, flags=re.MULTILINE)  # nothing trained
+    assert not (out / "runs" / mini.slug / "seed-2").exists()
+    report = (out / "report.md").read_text()
+    assert "**Partial report**: 3 of 4 runs have finished; the other 1 are pending" in report
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"][mini.label]["runs"]["2"]["status"] == "pending"
+    assert results["methods"][mini.label]["finished_runs"] == 1 and results["methods"]["lora"]["finished_runs"] == 2
+
+    fresh = compare(tiny_model_dir, instruction_file, out.parent / "never-run", "--report-only")
+    assert fresh.returncode == 2 and "holds no comparison; run it without --report-only first" in fresh.stderr
+    assert not (out.parent / "never-run").exists()
+
+
 def test_a_different_comparison_in_the_same_dir_is_refused(compared, tiny_model_dir, instruction_file):
     out, _ = compared
     result = compare(tiny_model_dir, instruction_file, out, "--warmup", "2")

@@ -394,3 +394,42 @@ def test_a_procedure_is_plotted_and_reported_at_its_saved_adapter_size(tmp_path)
     report = markdown(results)
     assert "| lora | 0.001 | 4,884,480 (adapter: 14,653,440) |" in report
     assert "| mini | 0.001 | 215,040 |" in report
+
+
+def test_report_only_trains_nothing_and_marks_what_is_pending(monkeypatch, tmp_path):
+    """A sweep whose second rate has not run stops there (lr pending); a finished rate and run are reported."""
+    finished = {0.0003: 3.5}
+
+    def on_disk(cfg, label, *, train=True):
+        assert not train, "--report-only must not train"
+        if cfg.lr in finished and "sweep" in cfg.out:
+            return {"status": "ok", "final_eval_loss": finished[cfg.lr], "train_curve": [], "eval_curve": []}
+        return runner.pending()
+
+    monkeypatch.setattr(runner, "run_one", on_disk)
+    base = TrainConfig(steps=8, out=str(tmp_path))
+    spec = parse_methods("lora")[0]
+    result = runner.sweep_learning_rate(base, spec, [1e-4, 3e-4, 9e-4], 2, tmp_path / "sweep", train=False)
+    assert result["pending"] and result["lr"] is None
+    assert result["losses"] == {"0.0001": "pending"}
+
+    finished[0.0001] = 3.6
+    result = runner.sweep_learning_rate(base, spec, [1e-4, 3e-4, 9e-4], 2, tmp_path / "sweep", train=False)
+    assert result["pending"] and result["losses"] == {"0.0001": 3.6, "0.0003": 3.5, "0.0009": "pending"}
+
+
+def test_a_partial_report_says_so_and_keeps_pending_runs_out_of_the_figures():
+    from lorakit.compare.report import markdown, summarise
+
+    results = _synthetic([1, 2])
+    results["methods"]["lora"]["runs"]["2"] = runner.pending()
+    results["methods"]["mini"].update(lr=None, lr_sweep={"0.001": "pending"}, lr_sweep_pending=True)
+    results["methods"]["mini"]["runs"] = {s: runner.pending("waits for its learning-rate sweep") for s in ("1", "2")}
+    results["methods"], _ = summarise(results["methods"], None)
+    lora = results["methods"]["lora"]
+    assert lora["finished_runs"] == 1 and lora["pending_runs"] == 1 and lora["std"]["final_eval_loss"] is None
+    report = markdown(results)
+    assert "**Partial report**: 5 of 8 runs have finished; the other 3 are pending" in report
+    assert "(1 of 2 seeds; 1 pending)" in report and "| mini | pending |" in report
+    assert "- mini seed 1: pending: waits for its learning-rate sweep" in report
+    assert "warning" not in report  # a pending sweep is not a sweep that found nothing

@@ -21,7 +21,7 @@ from ..errors import ConfigError, LorakitError
 from ..training.run_config import TrainConfig, check_writable
 from .plots import plot_loss, plot_loss_vs_time, plot_params, plot_pareto
 from .report import markdown, status, summarise
-from .runner import MAX_EXTENSIONS, run_one, score_exact_match, sweep_learning_rate
+from .runner import EXACT_MATCH_FILE, MAX_EXTENSIONS, pending, run_one, score_exact_match, sweep_learning_rate
 from .spec import SWEEP_FACTOR, initial_grid, parse_methods, parse_numbers, parse_sweep
 
 # uuid-pairs: exact match on its first pairs (greedy decoding takes ~1-3 s a pair on 2 CPU cores)
@@ -93,12 +93,16 @@ def run_compare_command(args) -> int:
         "setting": setting,
     }  # seeds may be added later
     marker = out / "compare.json"
+    train = not getattr(args, "report_only", False)
+    if not train and not marker.is_file():
+        raise ConfigError(f"--report-only: --out {out} holds no comparison; run it without --report-only first")
     if marker.is_file() and _read_identity(marker) != identity:
         raise ConfigError(
             f"--out {out} holds a different comparison; use the same flags to resume it or choose a new --out"
         )
-    prepare_directory(out)
-    write_json(marker, identity)
+    if train:
+        prepare_directory(out)
+        write_json(marker, identity)
 
     methods = {}
     swept = False
@@ -106,10 +110,15 @@ def run_compare_command(args) -> int:
         lr, sweep = spec.overrides.get("lr", base.lr), None
         grid = initial_grid(spec, global_sweep)
         if grid is not None:
-            sweep = sweep_learning_rate(base, spec, grid, sweep_steps, out / "sweep", max_extensions=MAX_EXTENSIONS)
+            sweep = sweep_learning_rate(
+                base, spec, grid, sweep_steps, out / "sweep", max_extensions=MAX_EXTENSIONS, train=train
+            )
             lr, swept = sweep["lr"], True
         runs = {}
         for seed in seeds:
+            if lr is None:  # --report-only: the sweep has not finished
+                runs[str(seed)] = pending("waits for its learning-rate sweep")
+                continue
             cfg = dataclasses.replace(
                 base,
                 **{**spec.overrides, "lr": lr},
@@ -117,8 +126,9 @@ def run_compare_command(args) -> int:
                 seed=seed,
                 out=str(out / "runs" / spec.slug / f"seed-{seed}"),
             )
-            runs[str(seed)] = run = run_one(cfg, spec.label)
-            if exact_match_limit and status(run) == "ok":
+            runs[str(seed)] = run = run_one(cfg, spec.label, train=train)
+            measured = train or (Path(cfg.out) / EXACT_MATCH_FILE).is_file()  # --report-only: measured ones only
+            if exact_match_limit and status(run) == "ok" and measured:
                 run.update(score_exact_match(cfg, exact_match_source, exact_match_limit))
         methods[spec.label] = {
             "method": spec.method,
@@ -133,6 +143,7 @@ def run_compare_command(args) -> int:
                 lr_sweep_extended=sweep["extended"],
                 lr_at_sweep_edge=sweep["at_edge"],
                 lr_sweep_finished=sweep["finished"],
+                lr_sweep_pending=bool(sweep.get("pending")),
             )
 
     methods, target = summarise(methods, args.target_loss)

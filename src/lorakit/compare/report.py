@@ -13,7 +13,7 @@ import statistics
 
 from .runner import final_loss
 
-OUTCOMES = ("diverged", "failed")
+OUTCOMES = ("diverged", "failed", "pending")  # pending: not finished yet (a report written with --report-only)
 
 
 def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -25,7 +25,7 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 
 
 def status(run: dict) -> str:
-    """ok, diverged or failed (results written before statuses existed only knew `diverged`)."""
+    """ok, diverged, failed or pending (results written before statuses existed only knew `diverged`)."""
     return run.get("status") or ("diverged" if run.get("diverged") else "ok")
 
 
@@ -90,6 +90,7 @@ def summarise(methods: dict, target: float | None) -> tuple[dict, float | None]:
         entry["finished_runs"] = len(ok)
         entry["diverged_runs"] = sum(1 for r in runs if r["status"] == "diverged")
         entry["failed_runs"] = sum(1 for r in runs if r["status"] == "failed")
+        entry["pending_runs"] = sum(1 for r in runs if r["status"] == "pending")
         first = ok[0] if ok else {}
         entry["trainable_parameters"] = first.get("trainable_parameters")
         entry["adapter_parameters"] = first.get("adapter_parameters") or first.get("trainable_parameters")
@@ -108,7 +109,7 @@ def _counted(entry: dict) -> str:
     total = len(entry["runs"])
     if entry["finished_runs"] == total:
         return ""
-    parts = [f"{entry[f'{kind}_runs']} {kind}" for kind in OUTCOMES if entry[f"{kind}_runs"]]
+    parts = [f"{entry.get(f'{kind}_runs', 0)} {kind}" for kind in OUTCOMES if entry.get(f"{kind}_runs")]
     return f" ({entry['finished_runs']} of {total} seeds; {', '.join(parts)})"
 
 
@@ -116,8 +117,8 @@ def _scalar(value: float | None, form: str) -> str:
     return "—" if value is None else form.format(value)
 
 
-def _rate(lr: float) -> str:
-    return f"{lr:g}"
+def _rate(lr: float | None) -> str:
+    return "pending" if lr is None else f"{lr:g}"
 
 
 def _sweep_lines(results: dict) -> list[str]:
@@ -149,6 +150,8 @@ def _sweep_lines(results: dict) -> list[str]:
                 f"extended to {', '.join(map(_rate, extended))} ({len(extended)} extension{'s' * (len(extended) > 1)})"
             )
         lines.append(f"- {label}: {'; '.join(parts)} — {losses}")
+        if entry.get("lr_sweep_pending"):
+            continue
         if entry.get("lr_sweep_finished") is False:
             warnings.append(
                 f"- **warning**: {label}: no rate of the sweep finished; the runs use the lowest rate tried "
@@ -190,7 +193,7 @@ def markdown(results: dict) -> str:
     for label, entry in results["methods"].items():
         mean, std = entry["mean"], entry["std"]
         swept = " (swept, at edge)" if entry.get("lr_at_sweep_edge") else " (swept)"
-        lr = f"{entry['lr']:g}" + (swept if entry.get("lr_sweep") else "")
+        lr = _rate(entry["lr"]) + (swept if entry.get("lr_sweep") and entry["lr"] is not None else "")
         reached = len([r for r in entry["runs"].values() if r.get("steps_to_target") is not None])
         params = _scalar(entry["trainable_parameters"], "{:,}")
         if entry.get("adapter_parameters") not in (None, entry["trainable_parameters"]):
@@ -229,6 +232,15 @@ def markdown(results: dict) -> str:
         lines += ["", "Exact match could not be measured for:", "", *missing]
     if unfinished:
         lines += ["", "Runs that did not finish (left out of the statistics):", "", *unfinished]
+    total = sum(len(entry["runs"]) for entry in results["methods"].values())
+    waiting = sum(entry.get("pending_runs", 0) for entry in results["methods"].values())
+    if waiting:  # --report-only while the comparison is still running
+        lines[1:1] = [
+            "",
+            f"**Partial report**: {total - waiting} of {total} runs have finished; the other {waiting} are pending "
+            "(this report was written with `--report-only` while the comparison was still running). Every figure "
+            "below comes from the finished runs only.",
+        ]
     lines += _sweep_lines(results)
     lines += ["", "![loss](loss.png)", "", "![params](params.png)", "", "![pareto](pareto.png)", ""]
     lines += ["![loss against wall time](loss_vs_time.png)", ""]

@@ -33,13 +33,21 @@ MAX_EXTENSIONS = 3  # a sweep extends its grid past an end at most this many tim
 EXACT_MATCH_FILE = "exact_match.json"
 
 
-def run_one(cfg: TrainConfig, label: str) -> dict:
-    """Train (or resume, or skip if done) one run; returns its outcome, read back from disk."""
+def pending(reason: str = "not finished yet") -> dict:
+    """The outcome of a run that has not finished, in a report written with `--report-only`."""
+    return {"status": "pending", "diverged": False, "error": reason, "train_curve": [], "eval_curve": [], "time_curve": []}
+
+
+def run_one(cfg: TrainConfig, label: str, *, train: bool = True) -> dict:
+    """Train (or resume, or skip if done) one run; returns its outcome, read back from disk. With train=False
+    nothing is trained: a run that has not finished is `pending()`."""
     out = Path(cfg.out)
     if (out / "summary.json").is_file():
         return _finished(out)
     if (out / DIVERGED_MARKER).is_file():
         return {**json.loads((out / DIVERGED_MARKER).read_text()), **read_curves(out)}
+    if not train:
+        return pending()
     resume = bool(checkpoint_dirs(out)) and (out / "run.json").is_file()
     if out.exists() and not resume:
         shutil.rmtree(out)  # an interrupted or failed run without checkpoint starts over
@@ -151,6 +159,7 @@ def sweep_learning_rate(
     *,
     max_extensions: int = MAX_EXTENSIONS,
     factor: float = SWEEP_FACTOR,
+    train: bool = True,
 ) -> dict:
     """Short runs (first seed, `steps` steps) at each rate of the grid; while the best rate is at an end of the grid,
     one more rate `factor` past that end, at most `max_extensions` times. No rate finished but some diverged: the
@@ -159,7 +168,10 @@ def sweep_learning_rate(
     Returns {"lr": the best rate, "losses": {rate: final loss, or "diverged" / "failed"} in increasing rate order,
     "grid": the initial grid, "extended": the rates added (in order), "at_edge": True when the limit was reached
     with the best rate still at an end (or with no rate finished and some diverged), "finished": whether any rate
-    finished (if none did, "lr" is the lowest rate tried)}."""
+    finished (if none did, "lr" is the lowest rate tried)}.
+
+    With train=False (`--report-only`) nothing is trained: at the first rate not yet run the sweep stops and returns
+    "lr": None and "pending": True, with the losses known so far (that rate's is "pending")."""
     grid = sorted(round_rate(lr) for lr in rates)
     losses: dict[float, float | str] = {}
 
@@ -172,12 +184,26 @@ def sweep_learning_rate(
             out=str(root / spec.slug / f"lr-{lr:g}"),
             save_every=0,
         )
-        outcome = run_one(cfg, f"{spec.label} (lr sweep)")
+        outcome = run_one(cfg, f"{spec.label} (lr sweep)", train=train)
         loss = final_loss(outcome)
-        losses[lr] = loss if loss is not None else ("failed" if outcome.get("status") == "failed" else "diverged")
+        failure = outcome.get("status") if outcome.get("status") in ("failed", "pending") else "diverged"
+        losses[lr] = loss if loss is not None else failure
+
+    def unfinished(extended: list[float]) -> dict:
+        return {
+            "lr": None,
+            "losses": {f"{lr:g}": losses[lr] for lr in sorted(losses)},
+            "grid": sorted(round_rate(lr) for lr in rates),
+            "extended": extended,
+            "at_edge": False,
+            "finished": False,
+            "pending": True,
+        }
 
     for lr in grid:
         run(lr)
+        if losses[lr] == "pending":
+            return unfinished([])
     extended: list[float] = []
     while True:
         finished = [lr for lr in grid if not isinstance(losses[lr], str)]
@@ -196,6 +222,8 @@ def sweep_learning_rate(
         run(lr)
         grid = sorted([*grid, lr])
         extended.append(lr)
+        if losses[lr] == "pending":
+            return unfinished(extended)
     return {
         "lr": best if best is not None else grid[0],
         "losses": {f"{lr:g}": losses[lr] for lr in grid},
