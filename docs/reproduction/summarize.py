@@ -61,6 +61,7 @@ def summary_rows(results: dict, reference: str) -> list[dict]:
             "seeds": len(runs),
             "failed": entry.get("failed_runs", 0),
             "diverged": entry.get("diverged_runs", 0),
+            "pending": entry.get("pending_runs", 0),
         }
         if runs:
             loss, spread = mean_std([r["final_eval_loss"] for r in runs])
@@ -96,10 +97,11 @@ def markdown(rows: list[dict], reference: str) -> str:
         "|---" * 12 + "|",
     ]
     for row in rows:
-        lr = _num(row["lr"], "{:g}") + (" (edge)" if row["edge"] else "")
+        lr = "pending" if row["lr"] is None else f"{row['lr']:g}" + (" (edge)" if row["edge"] else "")
         if "loss" not in row:
             lines.append(
-                f"| {row['method']} | {lr} | 0 (failed {row['failed']}, diverged {row['diverged']}) |" + " — |" * 9
+                f"| {row['method']} | {lr} | 0 (failed {row['failed']}, diverged {row['diverged']}, pending {row['pending']}) |"
+                + " — |" * 9
             )
             continue
         loss = f"{row['loss']:.3f}" + (f" ± {row['std']:.3f}" if row["std"] is not None else " (one seed)")
@@ -124,10 +126,9 @@ def sweep_lines(results: dict) -> list[str]:
             losses = ", ".join(
                 f"{float(lr):g}: {loss if isinstance(loss, str) else f'{loss:.3f}'}" for lr, loss in sweep.items()
             )
-            lines.append(
-                f"- {label}: chose {entry['lr']:g}{' (at the edge)' if entry.get('lr_at_sweep_edge') else ''}"
-                f"; sweep eval loss {losses}"
-            )
+            chosen = "pending" if entry["lr"] is None else f"{entry['lr']:g}"
+            edge = " (at the edge)" if entry.get("lr_at_sweep_edge") else ""
+            lines.append(f"- {label}: chose {chosen}{edge}; sweep eval loss {losses}")
     return lines
 
 
