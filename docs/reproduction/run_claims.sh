@@ -26,21 +26,38 @@ METHODS+=",lora:procedure=increlora:r=8,lora:optimizer=rite"
 
 COMMON=(--lr-sweep auto --sweep-steps 15 --seeds 1,2,3 --batch-size 4 --eval-limit 48 --warmup 5 --rank 16 --precision bf16)
 
-run() {
-  case "$1" in
-    uuid)  # MoRA's claim: memorisation; LoRA and MoRA at equal trained parameters (r=8), exact match
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data uuid-pairs:n=64 --methods lora,mora --rank 8 --steps 160 --batch-size 8 \
-        --lr-sweep auto --sweep-steps 40 --seeds 1,2,3 --eval-every 40 --warmup 10 --out runs/claims-uuid ;;
-    stdlib)
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$METHODS" "${COMMON[@]}" --steps 60 --max-length 128 \
-        --eval-every 15 --out runs/claims-stdlib ;;
-    manpages)
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data manpages-summaries --methods "$METHODS" "${COMMON[@]}" --steps 80 --max-length 256 \
-        --eval-every 20 --out runs/claims-manpages ;;
-    *) echo "unknown part $1; use uuid, stdlib or manpages" >&2; exit 2 ;;
-  esac
+# After each comparison (finished, with failed runs, or REPORT_ONLY) its results.json, report.md and plots are copied
+# to docs/reproduction/<dataset>/, the copies this repository commits.
+publish() {
+  mkdir -p "docs/reproduction/$2"
+  for file in results.json report.md loss.png params.png pareto.png loss_vs_time.png; do
+    if [ -f "$1/$file" ]; then cp "$1/$file" "docs/reproduction/$2/$file"; fi
+  done
 }
 
+run() {
+  local code=0
+  case "$1" in
+    uuid)  # MoRA's claim: memorisation; LoRA and MoRA at equal trained parameters (r=8), exact match
+      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data uuid-pairs:n=64 --methods lora,mora --rank 8 \
+        --steps 160 --batch-size 8 --lr-sweep auto --sweep-steps 40 --seeds 1,2,3 --eval-every 40 --warmup 10 \
+        --out runs/claims-uuid || code=$?
+      publish runs/claims-uuid uuid-pairs ;;
+    stdlib)
+      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$METHODS" "${COMMON[@]}" \
+        --steps 60 --max-length 128 --eval-every 15 --out runs/claims-stdlib || code=$?
+      publish runs/claims-stdlib stdlib-docstrings ;;
+    manpages)
+      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data manpages-summaries --methods "$METHODS" "${COMMON[@]}" \
+        --steps 80 --max-length 256 --eval-every 20 --out runs/claims-manpages || code=$?
+      publish runs/claims-manpages manpages-summaries ;;
+    *) echo "unknown part $1; use uuid, stdlib or manpages" >&2; exit 2 ;;
+  esac
+  return "$code"
+}
+
+status=0
 for part in "${@:-uuid stdlib manpages}"; do
-  for one in $part; do run "$one"; done
+  for one in $part; do run "$one" || status=$?; done
 done
+exit "$status"

@@ -19,7 +19,7 @@ def parabola(optimum: float, diverge_above: float = math.inf):
     """A fake run_one: final loss (log10 lr - log10 optimum)² + 1; diverged above `diverge_above`. Records calls."""
     calls = []
 
-    def run_one(cfg, label):
+    def run_one(cfg, label, train=True):
         calls.append(cfg.lr)
         if cfg.lr > diverge_above:
             return {
@@ -92,7 +92,7 @@ def test_nothing_finished_lowers_the_rate_and_all_failed_stops(monkeypatch, tmp_
     assert len(diverging["extended"]) == 3 and diverging["at_edge"] and not diverging["finished"]
     assert diverging["lr"] == min(diverging["extended"])
 
-    def failing(cfg, label):
+    def failing(cfg, label, train=True):
         return {"status": "failed", "error": "boom", "train_curve": [], "eval_curve": []}
 
     failed = sweep(monkeypatch, tmp_path, GRID, failing)
@@ -161,7 +161,7 @@ OPTIMA = {"lora": 3e-4, "olora": 3e-4, "mini": 1.0}  # mini's optimum is far abo
 PARAMS = {"lora": 4_884_480, "olora": 4_884_480, "mini": 215_040}
 
 
-def fake_run(cfg, label):
+def fake_run(cfg, label, train=True):
     loss = (math.log10(cfg.lr) - math.log10(OPTIMA[cfg.method])) ** 2 + 2.0 + 0.01 * cfg.seed
     times = [[0, 0.0], [1, 1.5], [2, 3.0]]
     return {
@@ -249,7 +249,7 @@ def test_a_resumed_compare_repeats_the_same_sweep(compared, monkeypatch):
 
     asked = []
 
-    def recording(cfg, label):
+    def recording(cfg, label, train=True):
         asked.append((cfg.method, cfg.lr, cfg.steps))
         return fake_run(cfg, label)
 
