@@ -382,8 +382,11 @@ def test_a_procedure_is_plotted_and_reported_at_its_saved_adapter_size(tmp_path)
     finished = runner._finished(out)
     assert finished["adapter_parameters"] == 12288 and finished["trainable_parameters"] == 4096
 
-    (out / "adapter" / "adapter.json").write_text("{not json")  # unreadable: fall back to the trainable count
-    assert runner._finished(out)["adapter_parameters"] == 4096
+    (out / "adapter" / "adapter.json").write_text("{not json")  # unreadable: the summary falls back to trainable
+    unreadable = runner._finished(out)
+    assert unreadable["adapter_parameters"] is None
+    fallback, _ = summarise({"lora": {"runs": {"1": unreadable}}}, None)
+    assert fallback["lora"]["adapter_parameters"] == 4096
 
     results = _synthetic([1, 2])
     for run in results["methods"]["lora"]["runs"].values():

@@ -95,9 +95,9 @@ def _finish_loss_figure(fig, axes, results: dict, path: Path, xlabel: str, ylabe
 
 
 def plotted_parameters(entry: dict) -> int | None:
-    """A method's x in params.png and pareto.png: the parameters of its saved adapter (equal to the trainable ones
-    except under a procedure that keeps more or fewer than it trains at once), else its trainable parameters."""
-    return entry.get("adapter_parameters") or entry.get("trainable_parameters")
+    """A method's x in params.png and pareto.png: the parameters of its saved adapter, which `report.summarise`
+    sets (equal to the trainable ones except under a procedure that keeps more or fewer than it trains at once)."""
+    return entry.get("adapter_parameters")
 
 
 def plot_params(results: dict, path: Path) -> None:

@@ -93,6 +93,7 @@ def summarise(methods: dict, target: float | None) -> tuple[dict, float | None]:
         entry["pending_runs"] = sum(1 for r in runs if r["status"] == "pending")
         first = ok[0] if ok else {}
         entry["trainable_parameters"] = first.get("trainable_parameters")
+        # the saved adapter's count (runner.adapter_parameters), or the trainable one when it could not be read
         entry["adapter_parameters"] = first.get("adapter_parameters") or first.get("trainable_parameters")
         entry["adapter_bytes"] = first.get("adapter_bytes")
     return methods, target

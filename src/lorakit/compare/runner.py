@@ -69,7 +69,7 @@ def run_one(cfg: TrainConfig, label: str, *, train: bool = True) -> dict:
 
 def _finished(out: Path) -> dict:
     outcome = {"status": "ok", "diverged": False, **json.loads((out / "summary.json").read_text()), **read_curves(out)}
-    outcome["adapter_parameters"] = adapter_parameters(out / "adapter") or outcome.get("trainable_parameters")
+    outcome["adapter_parameters"] = adapter_parameters(out / "adapter")  # None: the report falls back to trainable
     return outcome
 
 
@@ -189,21 +189,21 @@ def sweep_learning_rate(
         failure = outcome.get("status") if outcome.get("status") in ("failed", "pending") else "diverged"
         losses[lr] = loss if loss is not None else failure
 
-    def unfinished(extended: list[float]) -> dict:
-        return {
-            "lr": None,
+    def result(extended: list[float], best: float | None = None, *, at_edge: bool = False, pending: bool = False):
+        outcome = {
+            "lr": None if pending else (best if best is not None else min(losses)),
             "losses": {f"{lr:g}": losses[lr] for lr in sorted(losses)},
             "grid": sorted(round_rate(lr) for lr in rates),
             "extended": extended,
-            "at_edge": False,
-            "finished": False,
-            "pending": True,
+            "at_edge": at_edge,
+            "finished": best is not None,
         }
+        return {**outcome, "pending": True} if pending else outcome
 
     for lr in grid:
         run(lr)
         if losses[lr] == "pending":
-            return unfinished([])
+            return result([], pending=True)
     extended: list[float] = []
     while True:
         finished = [lr for lr in grid if not isinstance(losses[lr], str)]
@@ -223,15 +223,8 @@ def sweep_learning_rate(
         grid = sorted([*grid, lr])
         extended.append(lr)
         if losses[lr] == "pending":
-            return unfinished(extended)
-    return {
-        "lr": best if best is not None else grid[0],
-        "losses": {f"{lr:g}": losses[lr] for lr in grid},
-        "grid": sorted(round_rate(lr) for lr in rates),
-        "extended": extended,
-        "at_edge": direction is not None,  # the limit was reached with the best rate still at an end
-        "finished": best is not None,
-    }
+            return result(extended, pending=True)
+    return result(extended, best, at_edge=direction is not None)  # the limit was reached, best still at an end
 
 
 def score_exact_match(cfg: TrainConfig, data: str, examples: int) -> dict:
