@@ -26,7 +26,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
-	$(BIN)/lorakit compare --out runs/demo --demo
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/lorakit compare --out runs/demo --demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -137,6 +137,7 @@ def run(repeats: int = 3) -> dict:
         "train_step": step_times(repeats=repeats),
         "merged_over_base": merged_inference(),
         "goals_train_step_over_lora": GOALS,
+        "train_step_repeats": repeats,  # after one warm-up; init: 3, merged inference: 5
         "machine": common.machine(),
     }
 

@@ -163,7 +163,7 @@ def flat_memory() -> dict:
 
 
 def run(repeats: int = 7) -> dict:
-    result = {"machine": common.machine()}
+    result = {"machine": common.machine(), "repeats": repeats}
     result.update(step_overheads(repeats))
     result.update(restart_costs(max(3, repeats // 2)))
     result.update(flat_memory())

@@ -10,6 +10,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+# README: "Nothing is downloaded from the Hugging Face hub". Offline mode makes any attempt an error, in this process
+# and in the subprocesses the tests start (they inherit the environment), instead of a silent download.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 import pytest
 import torch
 from transformers import (

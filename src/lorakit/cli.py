@@ -208,7 +208,7 @@ def build_parser() -> Parser:
     p.add_argument(
         "--demo",
         action="store_true",
-        help="the built-in demo: default model and data, a budget for ~15 min on 2 CPU cores",
+        help="the built-in demo: default model and data, a budget for about 9 min on 2 CPU cores",
     )
     add_train_arguments(p, compare=True)
     return parser

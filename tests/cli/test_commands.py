@@ -212,3 +212,32 @@ def test_inspect_lists_per_module_ranks(tmp_path, capsys):
     assert f"ranks:       per module, 2 to 6, total {total}" in text
     for name, layer in layers.items():  # every module is listed with its rank
         assert f"  {name}  {layer.in_features} -> {layer.out_features}  r={layer.r}  " in text
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "words"),
+    [
+        (KeyboardInterrupt(), 130, "lorakit: interrupted; a run with --save-every continues with --resume"),
+        ("user errors only", 2, "lorakit: error: 2 of 4 runs failed (first: lora seed 1: bad flag)"),
+        ("one crash", 1, "lorakit: error: 2 of 4 runs failed (first: lora seed 1: bad flag)"),
+    ],
+)
+def test_interrupt_and_failed_comparisons_exit_with_their_documented_codes(raised, code, words, monkeypatch, capsys):
+    """docs/errors.md: Ctrl-C exits 130; a compare whose failed runs were all user errors (children exited 2) exits 2,
+    else 1."""
+    from pathlib import Path
+
+    from lorakit import cli, commands
+    from lorakit.compare import RunsFailed
+
+    if isinstance(raised, str):
+        second = 2 if raised == "user errors only" else 1
+        failed = [("lora", 1, {"error": "bad flag", "exit_code": 2}), ("mini", 2, {"error": "x", "exit_code": second})]
+        raised = RunsFailed(failed, 4, Path("report.md"))
+
+    def command(args):
+        raise raised
+
+    monkeypatch.setattr(commands, "run_inspect", command)
+    assert cli.main(["inspect", "anywhere"]) == code
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(words)

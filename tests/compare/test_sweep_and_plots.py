@@ -3,6 +3,7 @@ the rate), the report and results.json fields they produce, and the Pareto and l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -436,3 +437,33 @@ def test_a_partial_report_says_so_and_keeps_pending_runs_out_of_the_figures():
     assert "(1 of 2 seeds; 1 pending)" in report and "| mini | pending |" in report
     assert "- mini seed 1: pending: waits for its learning-rate sweep" in report
     assert "warning" not in report  # a pending sweep is not a sweep that found nothing
+
+
+def _documented_variants() -> set[str]:
+    """Every inline variant README.md names in backquotes, and every variant of the reproduction script."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    methods = "lora|olora|mini|loraxs|melora|prolora|mora|lorta"
+    found = set(re.findall(rf"`((?:{methods}):[^`\s]+)`", (root / "README.md").read_text()))
+    script = (root / "docs" / "reproduction" / "run_claims.sh").read_text()
+    for listed in re.findall(r'^METHODS\+?="([^"]+)"', script, flags=re.M):
+        found.update(item.lstrip(",") for item in listed.split(",") if item)
+    return found
+
+
+def test_every_variant_the_docs_name_is_a_valid_compare_method(tmp_path):
+    """What `lorakit compare` checks before training (every spec parsed and its configuration validated), for each
+    variant the docs show: none of the documented forms can fail at the start of a comparison."""
+    variants = _documented_variants()
+    assert {
+        "lora:procedure=cola/links=3",
+        "lora:optimizer=rite",
+        "lorta:targets=q_proj/k_proj/v_proj/o_proj",
+    } <= variants
+    assert {"lora:procedure=increlora:r=8", "mini:a=64,b=64"} <= variants and len(variants) >= 12
+    base = TrainConfig(model="m", data="stdlib-docstrings", out=str(tmp_path / "out"), rank=16)
+    for text in sorted(variants):
+        for spec in parse_methods(text):
+            dataclasses.replace(base, **spec.overrides, method=spec.method).validate()

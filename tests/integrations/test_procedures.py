@@ -226,3 +226,37 @@ def _numbers(value) -> list:
     if isinstance(value, list | tuple):
         return [x for item in value for x in _numbers(item)]
     return [float(value)] if isinstance(value, int | float) else []
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        (dict(fsdp=True), "procedure flat does not support FSDP (the weights are shards there); use DDP"),
+        (dict(deepspeed="ds_config.json"), "procedure flat cannot run under DeepSpeed"),
+    ],
+)
+def test_fsdp_and_deepspeed_are_refused_with_a_procedure(setting, words, tmp_path):
+    """README (With Trainer / TRL): FSDP and DeepSpeed are not covered, and say so in one line before training. The
+    callback is called as the Trainer calls it at the end of its __init__, with the Trainer's arguments: a Trainer
+    itself refuses fsdp outside a distributed launch, and deepspeed is not installed here, so the DeepSpeed setting
+    is set on the arguments after they are built."""
+    model = adapted()
+    before = trained(model)
+    args = arguments(tmp_path, **{k: v for k, v in setting.items() if k == "fsdp"})
+    if "deepspeed" in setting:
+        object.__setattr__(args, "deepspeed", setting["deepspeed"])
+    with pytest.raises(ConfigError) as info:
+        ProcedureCallback("flat").on_init_end(args, None, None, model=model)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert max_diff(before, trained(model)) == 0
+
+
+def test_sharded_adapter_tensors_are_refused_when_saving(tmp_path):
+    """Under ZeRO-3 (or FSDP through the Trainer) a process holds an empty placeholder (or a DTensor) where a whole
+    tensor was: save_model refuses in one line instead of writing an empty adapter."""
+    model = adapted()
+    layer = next(layer for _, layer in lorakit.adapter_layers(model))
+    layer.A.data = torch.empty(0)  # what DeepSpeed ZeRO-3 leaves in a partitioned parameter
+    with pytest.raises(ConfigError, match="the adapter's tensors are sharded") as info:
+        model.save_pretrained(tmp_path / "out")
+    assert "\n" not in str(info.value) and not (tmp_path / "out" / "adapter.safetensors").exists()

@@ -91,3 +91,22 @@ def test_dropout_applies_to_the_trained_path_only(inputs):
     dropped = torch.nn.functional.dropout(x, 0.5, training=True)
     want = x @ (layer.base_layer.weight - layer.scale * layer.B0 @ layer.A0).T + layer.scale * dropped @ layer.A.T @ layer.B.T
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_writing_the_residual_into_a_bf16_base_would_change_the_output_at_init(inputs):
+    """README (OLoRA): PEFT's way, base ← W − s·B0·A0 rounded to the base dtype plus s·B·A with B·A = B0·A0 at init,
+    is not the original layer in bf16: the rounding alone moves the output. lorakit keeps W and (A0, B0) instead,
+    and its output at init is the base's."""
+    base = tiny_llama().to(torch.bfloat16)
+    model = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(method="olora", r=4))
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    weight, scale = layer.base_layer.weight, layer.scale
+    start = scale * layer.B0.float() @ layer.A0.float()
+    residual = (weight.float() - start).to(torch.bfloat16)  # what PEFT writes into the base
+    peft_weight = residual.float() + start  # the layer PEFT computes at init (in float32 here, to see the rounding)
+    assert (peft_weight != weight.float()).float().mean() > 0.5  # most weights moved by the rounding
+    x = torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    assert (x @ peft_weight.T - x @ weight.float().T).abs().max() > 1e-4
+    x = x.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x))  # lorakit: the base's output, bit for bit

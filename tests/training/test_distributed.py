@@ -15,6 +15,7 @@ import lorakit
 from lorakit.models import load_model
 from lorakit.training import train
 
+PROCEDURE_NAMES = ("flat", "cola", "xgblora", "increlora")  # every registered one (asserted below)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit"]
 
 
@@ -136,4 +137,24 @@ def test_fsdp_needs_a_distributed_launch(tiny_model_dir, instruction_file, tmp_p
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp: would not shard on CPU
     with pytest.raises(lorakit.ConfigError, match="accelerate launch --use_fsdp is not supported; pass --fsdp"):
         train(config(tiny_model_dir, instruction_file, tmp_path / "c"))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        *[(dict(procedure=name), f"--procedure {name} does not support --fsdp yet") for name in PROCEDURE_NAMES],
+        (dict(optimizer="rite"), "--optimizer rite does not support --fsdp yet; use --optimizer adamw"),
+    ],
+)
+def test_procedures_and_rite_are_refused_under_fsdp_in_one_line(
+    overrides, words, tiny_model_dir, instruction_file, tmp_path
+):
+    """README: the four procedures and LoRA-RITE do not shard yet; --fsdp with one of them stops before any work."""
+    from lorakit.procedures import PROCEDURES
+
+    assert set(PROCEDURES) == set(PROCEDURE_NAMES)
+    with pytest.raises(lorakit.ConfigError) as info:
+        train(config(tiny_model_dir, instruction_file, tmp_path / "out", fsdp=True, **overrides))
+    assert words in str(info.value) and "\n" not in str(info.value)
     assert not any(tmp_path.iterdir())

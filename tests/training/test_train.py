@@ -169,3 +169,26 @@ def test_checkpoints_hold_no_base_weights(tiny_model_dir, instruction_file, tmp_
     assert names == ["adapter.json", "adapter.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
     stored = sum(p.stat().st_size for p in checkpoint.iterdir())
     assert stored < (tiny_model_dir / "model.safetensors").stat().st_size
+
+
+def test_bf16_autocast_trains_float32_adapters_close_to_float32(tiny_model_dir, instruction_file, tmp_path):
+    """`--precision bf16` without --fsdp: Accelerate's autocast computes the matmuls in bf16 (so the losses differ
+    from float32's, by little) while the adapter, the optimizer state and the saved file stay float32."""
+    full = train(config(tiny_model_dir, instruction_file, tmp_path / "fp32", steps=4))
+    mixed = train(config(tiny_model_dir, instruction_file, tmp_path / "bf16", steps=4, precision="bf16"))
+    assert mixed["precision"] == {"mode": "bf16", "how": "Accelerate autocast"}
+    assert 0 < abs(mixed["final_train_loss"] - full["final_train_loss"]) < 0.05
+    tensors = adapter_tensors(tmp_path / "bf16")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert max_diff(tensors, adapter_tensors(tmp_path / "fp32")) > 0
+    lorakit.load_adapter(lorakit.models.load_model(str(tiny_model_dir))[0], tmp_path / "bf16" / "adapter")
+
+
+def test_a_trainer_after_a_bf16_run_in_the_same_process_is_not_refused(tiny_model_dir, instruction_file, tmp_path):
+    """Accelerate's process-wide state: a bf16 run must not leave it set for the next Accelerator (a float32
+    Trainer would raise "AcceleratorState has already been initialized ... restart your runtime")."""
+    from accelerate import Accelerator
+
+    train(config(tiny_model_dir, instruction_file, tmp_path / "bf16", steps=2, precision="bf16"))
+    assert Accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
+    train(config(tiny_model_dir, instruction_file, tmp_path / "bf16-again", steps=2, precision="bf16"))

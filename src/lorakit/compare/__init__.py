@@ -28,7 +28,7 @@ from .spec import SWEEP_FACTOR, initial_grid, parse_methods, parse_numbers, pars
 EXACT_MATCH_DEFAULT_LIMIT = 64
 PLOTS = ("loss.png", "params.png", "pareto.png", "loss_vs_time.png")
 
-# `make demo`: the default model and data, each method at a learning rate that suits it, ~10 min on 2 CPU cores.
+# `make demo`: the default model and data, each method at a learning rate that suits it, about 9 min on 2 CPU cores.
 DEMO = dict(
     methods="lora:lr=3e-4,olora:lr=3e-4,mini:lr=3e-3",
     seeds="1",

@@ -47,7 +47,16 @@ class AccelerateRuntime:
 
     def __init__(self, precision: str):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
+        # Accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision
+        # (a ValueError telling the user to restart Python). A library user who trains in float32 and then in bf16
+        # in one process (or runs a Trainer after lorakit) is not wrong: a state of another precision is dropped
+        # here, and the state this run created is dropped by close(). The process group (PartialState) stays.
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") not in (None, precision):
+            AcceleratorState._reset_state(reset_partial_state=False)
+        self._owns_state = not AcceleratorState._shared_state
         # cpu=True lets Accelerate run data-parallel over gloo when there is no GPU (torchrun on CPU)
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         self.process_index = self.accelerator.process_index
@@ -100,7 +109,10 @@ class AccelerateRuntime:
         return optimizer.state_dict()
 
     def close(self) -> None:
-        pass
+        from accelerate.state import AcceleratorState
+
+        if self._owns_state:
+            AcceleratorState._reset_state(reset_partial_state=False)
 
 
 class FsdpRuntime:
