@@ -46,3 +46,20 @@ def test_every_method_trains_smollm2(method, smollm2_eval_before, tmp_path):
     """Loss falls over 8 steps for each method (the eval loss of the adapter as saved, on 12 held-out examples)."""
     loss = smollm2_smoke_loss(tmp_path / method, method=method, **SMOKE[method])
     assert loss < smollm2_eval_before - 0.02, (method, smollm2_eval_before, loss)
+
+
+def test_gguf_conversion_is_cached_and_the_cached_model_equals_it(tmp_path, monkeypatch):
+    """README (Models): the GGUF is dequantised once and cached as safetensors under $LORAKIT_CACHE; the next load
+    reads the cache and gives the same weights and tokenizer (offline: conftest sets HF_HUB_OFFLINE)."""
+    import torch
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    converted, tokenizer = load_model("smollm2-135m")
+    (cached_dir,) = (tmp_path / "cache" / "models").iterdir()
+    assert (cached_dir / "config.json").is_file() and list(cached_dir.glob("*.safetensors"))
+    cached, cached_tokenizer = load_model("smollm2-135m")
+    ours, theirs = converted.state_dict(), cached.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    text = "def mean(values):\n    return sum(values) / len(values)"
+    assert tokenizer(text)["input_ids"] == cached_tokenizer(text)["input_ids"]
+    assert tokenizer.pad_token == cached_tokenizer.pad_token is not None
