@@ -102,12 +102,30 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_model_dir, instruction_fi
     assert steps == list(range(1, 61))
 
 
-def test_two_processes_equal_one_with_double_batch(tiny_model_dir, instruction_file, tmp_path):
+# README, Multi-process: both commands start the same DDP run. `accelerate launch` adds --multi_gpu by itself only
+# where it sees several GPUs; without it on CPU it silently starts one process, hence the flag here and in README.
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "-m",
+    "lorakit",
+]
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit"],
+    "accelerate": ACCELERATE,
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_equal_one_with_double_batch(launcher, tiny_model_dir, instruction_file, tmp_path):
     def argv(out, batch_size):
         return ["train", *config(tiny_model_dir, instruction_file, out, steps=4, batch_size=batch_size).to_argv()]
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit"]
-    subprocess.run(torchrun + argv(tmp_path / "ddp", 2), check=True)
+    subprocess.run(LAUNCHERS[launcher] + argv(tmp_path / "ddp", 2), check=True)
     subprocess.run(LORAKIT + argv(tmp_path / "one", 4), check=True)
     single, ddp = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "ddp")
     assert max(b.abs().max().item() for k, b in single.items() if k.endswith(".B")) > 1e-2  # it really trained
