@@ -8,8 +8,9 @@
 #   REPORT_ONLY=1 bash docs/reproduction/run_claims.sh stdlib          (the report of what has finished; trains nothing)
 #
 # Budget on 2 CPU cores: uuid ~2 h in float32 (SmolLM2 trains at ~150 tokens/s here). stdlib and manpages train with
-# bf16 autocast (Accelerate), 1.7x faster than float32 on this CPU (AVX512-BF16): ~2-3 h each. Two parts can run at
-# once, one thread each (OMP_NUM_THREADS=1): together they do ~30% more than one part on two threads.
+# bf16 autocast (Accelerate), 1.7x faster than float32 on this CPU (AVX512-BF16): ~2.5 h each. manpages runs 40 steps
+# (its examples are longer: a 15-step run takes ~1.3x stdlib's; at 80 steps it measured ~8 h of one core). Two parts
+# can run at once, one thread each (OMP_NUM_THREADS=1): together they do ~30% more than one part on two threads.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LORAKIT=${LORAKIT:-.venv/bin/lorakit}
@@ -57,7 +58,7 @@ run() {
     manpages)
       "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data manpages-summaries --methods "$METHODS_MANPAGES" \
         "${COMMON[@]}" \
-        --steps 80 --max-length 256 --eval-every 20 --out runs/claims-manpages || code=$?
+        --steps 40 --max-length 256 --eval-every 10 --out runs/claims-manpages || code=$?
       publish runs/claims-manpages manpages-summaries ;;
     lorta-high)  # stdlib-docstrings again, LoRTA alone, its sweep continued above the edge of the main run's
       "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$LORTA_HIGH" "${COMMON[@]}" \
