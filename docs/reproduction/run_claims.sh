@@ -10,7 +10,9 @@
 # Budget on 2 CPU cores: uuid ~2 h in float32 (SmolLM2 trains at ~150 tokens/s here). stdlib and manpages train with
 # bf16 autocast (Accelerate), 1.7x faster than float32 on this CPU (AVX512-BF16): ~2.5 h each. manpages runs 40 steps
 # (its examples are longer: a 15-step run takes ~1.3x stdlib's; 80 steps were estimated at ~8 h of one core). Two parts
-# can run at once, one thread each (OMP_NUM_THREADS=1): together they do ~30% more than one part on two threads.
+# can run at once, one thread each (OMP_NUM_THREADS=1): together they do ~30% more than one part on two threads. So
+# can two copies of the same part (each run is trained by one of them; the last to end writes the full report):
+#   OMP_NUM_THREADS=1 bash docs/reproduction/run_claims.sh manpages &  OMP_NUM_THREADS=1 bash docs/reproduction/run_claims.sh manpages &
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LORAKIT=${LORAKIT:-.venv/bin/lorakit}

@@ -400,3 +400,47 @@ def test_one_seed_reports_the_value_without_a_spread():
     row = next(line for line in report.splitlines() if line.startswith("| lora |"))
     assert "| 3.250 |" in row and "±" not in row
     assert "± 0.000" not in report and "no spread measured" in report
+
+
+def test_a_run_another_compare_holds_is_skipped_as_pending(tmp_path, capsys):
+    """Two compares on one --out: a run whose lock another process holds is not trained (no child starts) and is
+    reported as pending with the reason."""
+    from lorakit.compare import runner
+    from lorakit.training.run_config import TrainConfig
+
+    cfg = TrainConfig(model="m", data="d", out=str(tmp_path / "runs" / "lora" / "seed-1"), seed=1)
+    with runner.claimed(tmp_path / "runs" / "lora" / "seed-1") as mine:
+        assert mine
+        with runner.claimed(tmp_path / "runs" / "lora" / "seed-1") as again:  # another open file: another holder
+            assert not again
+        outcome = runner.run_one(cfg, "lora")
+    assert outcome["status"] == "pending" and outcome["error"] == runner.TAKEN
+    assert "lora seed 1: another compare on this --out is training it; skipped" in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "lora" / "seed-1").exists()
+    with runner.claimed(tmp_path / "runs" / "lora" / "seed-1") as mine:  # released with its holder
+        assert mine
+
+
+def test_two_compares_on_one_out_share_the_runs_and_train_each_once(tiny_model_dir, instruction_file, tmp_path):
+    """README: the same compare command in two shells uses two cores; every run is trained by exactly one of them,
+    and the report of the one that ends last holds every run."""
+    out = tmp_path / "shared"
+    argv = ["compare", "--model", tiny_model_dir, "--data", instruction_file, "--methods", "lora,mini:a=8,b=8"]
+    argv += ["--seeds", "1,2", "--steps", "6", "--rank", "4", "--lr", "1e-2", "--max-length", "64", "--quiet"]
+    argv += ["--lr-sweep", "1e-3,1e-2", "--sweep-steps", "2", "--out", out]
+    command = LORAKIT + [str(a) for a in argv]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [worker.communicate() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    started = [
+        line.removesuffix(" (resumed)")
+        for stdout, _ in outputs
+        for line in stdout.splitlines()
+        if line.startswith("lorakit compare: ") and " seed " in line and " lr " in line and "skipped" not in line
+    ]
+    trained = list(out.glob("sweep/*/lr-*/summary.json")) + list(out.glob("runs/*/seed-*/summary.json"))
+    assert len(started) == len(set(started)) == len(trained) >= 2 * 2 + 2 * 2  # each run trained once, by one of them
+    results = json.loads((out / "results.json").read_text())
+    assert all(run["status"] == "ok" for m in results["methods"].values() for run in m["runs"].values())
+    assert all(m["lr"] is not None and not m["lr_sweep_pending"] for m in results["methods"].values())
+    assert "Partial report" not in (out / "report.md").read_text()

@@ -21,7 +21,16 @@ from ..errors import ConfigError, LorakitError
 from ..training.run_config import TrainConfig, check_writable
 from .plots import plot_loss, plot_loss_vs_time, plot_params, plot_pareto
 from .report import markdown, status, summarise
-from .runner import EXACT_MATCH_FILE, MAX_EXTENSIONS, pending, run_one, score_exact_match, sweep_learning_rate
+from .runner import (
+    EXACT_MATCH_FILE,
+    MAX_EXTENSIONS,
+    TAKEN,
+    claimed,
+    pending,
+    run_one,
+    score_exact_match,
+    sweep_learning_rate,
+)
 from .spec import SWEEP_FACTOR, initial_grid, parse_methods, parse_numbers, parse_sweep
 
 # uuid-pairs: exact match on its first pairs (greedy decoding takes ~1-3 s a pair on 2 CPU cores)
@@ -104,62 +113,79 @@ def run_compare_command(args) -> int:
         prepare_directory(out)
         write_json(marker, identity)
 
-    methods = {}
-    swept = False
-    for spec in specs:
-        lr, sweep = spec.overrides.get("lr", base.lr), None
-        grid = initial_grid(spec, global_sweep)
-        if grid is not None:
-            sweep = sweep_learning_rate(
-                base, spec, grid, sweep_steps, out / "sweep", max_extensions=MAX_EXTENSIONS, train=train
-            )
-            lr, swept = sweep["lr"], True
-        runs = {}
-        for seed in seeds:
-            if lr is None:  # --report-only: the sweep has not finished
-                runs[str(seed)] = pending("waits for its learning-rate sweep")
-                continue
-            cfg = dataclasses.replace(
-                base,
-                **{**spec.overrides, "lr": lr},
-                method=spec.method,
-                seed=seed,
-                out=str(out / "runs" / spec.slug / f"seed-{seed}"),
-            )
-            runs[str(seed)] = run = run_one(cfg, spec.label, train=train)
-            measured = train or (Path(cfg.out) / EXACT_MATCH_FILE).is_file()  # --report-only: measured ones only
-            if exact_match_limit and status(run) == "ok" and measured:
-                run.update(score_exact_match(cfg, exact_match_source, exact_match_limit))
-        methods[spec.label] = {
-            "method": spec.method,
-            "overrides": spec.overrides,
-            "lr": lr,
-            "lr_sweep": sweep and sweep["losses"],  # {rate: final loss of the short run, or "diverged" / "failed"}
-            "runs": runs,
-        }
-        if sweep is not None:
-            methods[spec.label].update(
-                lr_sweep_grid=sweep["grid"],
-                lr_sweep_extended=sweep["extended"],
-                lr_at_sweep_edge=sweep["at_edge"],
-                lr_sweep_finished=sweep["finished"],
-                lr_sweep_pending=bool(sweep.get("pending")),
-            )
+    def collect(train: bool) -> tuple[dict, bool]:
+        """Every method's sweep and runs: trained (train=True) or read back from disk (train=False)."""
+        methods = {}
+        swept = False
+        for spec in specs:
+            lr, sweep = spec.overrides.get("lr", base.lr), None
+            grid = initial_grid(spec, global_sweep)
+            if grid is not None:
+                sweep = sweep_learning_rate(
+                    base, spec, grid, sweep_steps, out / "sweep", max_extensions=MAX_EXTENSIONS, train=train
+                )
+                lr, swept = sweep["lr"], True
+            runs = {}
+            for seed in seeds:
+                if lr is None:  # the sweep has not finished (--report-only, or another compare runs it)
+                    runs[str(seed)] = pending("waits for its learning-rate sweep")
+                    continue
+                cfg = dataclasses.replace(
+                    base,
+                    **{**spec.overrides, "lr": lr},
+                    method=spec.method,
+                    seed=seed,
+                    out=str(out / "runs" / spec.slug / f"seed-{seed}"),
+                )
+                runs[str(seed)] = run = run_one(cfg, spec.label, train=train)
+                measured = train or (Path(cfg.out) / EXACT_MATCH_FILE).is_file()  # --report-only: measured ones only
+                if exact_match_limit and status(run) == "ok" and measured:
+                    run.update(score_exact_match(cfg, exact_match_source, exact_match_limit))
+            methods[spec.label] = {
+                "method": spec.method,
+                "overrides": spec.overrides,
+                "lr": lr,
+                "lr_sweep": sweep and sweep["losses"],  # {rate: final loss of the short run, or "diverged" / "failed"}
+                "runs": runs,
+            }
+            if sweep is not None:
+                methods[spec.label].update(
+                    lr_sweep_grid=sweep["grid"],
+                    lr_sweep_extended=sweep["extended"],
+                    lr_at_sweep_edge=sweep["at_edge"],
+                    lr_sweep_finished=sweep["finished"],
+                    lr_sweep_pending=bool(sweep.get("pending")),
+                )
 
-    methods, target = summarise(methods, args.target_loss)
-    has_eval = all(r["eval_curve"] for m in methods.values() for r in m["runs"].values() if status(r) == "ok")
-    results = {"setting": setting, "seeds": seeds, "has_eval": has_eval, "target_loss": target, "methods": methods}
-    if swept:
-        results["sweep"] = {"steps": sweep_steps, "factor": SWEEP_FACTOR, "max_extensions": MAX_EXTENSIONS}
-    if exact_match_limit:
-        results["exact_match"] = {"data": exact_match_source, "examples": exact_match_limit}
-    write_json(out / "results.json", results)
-    report = markdown(results)
-    write_bytes(out / "report.md", report.encode())
-    plot_loss(results, out / "loss.png", log_scale=args.log_scale)
-    plot_params(results, out / "params.png")
-    plot_pareto(results, out / "pareto.png")
-    plot_loss_vs_time(results, out / "loss_vs_time.png", log_scale=args.log_scale)
+        return methods, swept
+
+    methods, swept = collect(train)
+    # Compares sharing this --out write its outputs one at a time, each from the runs on disk when it writes, so the
+    # last one to finish leaves the full report.
+    with claimed(out / "outputs", wait=True):
+        taken = sum(1 for m in methods.values() for r in m["runs"].values() if r.get("error") == TAKEN)
+        if train and (taken or any(m.get("lr_sweep_pending") for m in methods.values())):
+            # another compare on this --out trained some runs meanwhile or is training them: report what is on disk
+            methods, swept = collect(False)
+            left = sum(1 for m in methods.values() for r in m["runs"].values() if r["status"] == "pending")
+            if left:
+                print(f"lorakit compare: {left} runs still train in another compare on {out};")
+                print("lorakit compare: the last one to end writes the full report (or use --report-only)")
+
+        methods, target = summarise(methods, args.target_loss)
+        has_eval = all(r["eval_curve"] for m in methods.values() for r in m["runs"].values() if status(r) == "ok")
+        results = {"setting": setting, "seeds": seeds, "has_eval": has_eval, "target_loss": target, "methods": methods}
+        if swept:
+            results["sweep"] = {"steps": sweep_steps, "factor": SWEEP_FACTOR, "max_extensions": MAX_EXTENSIONS}
+        if exact_match_limit:
+            results["exact_match"] = {"data": exact_match_source, "examples": exact_match_limit}
+        write_json(out / "results.json", results)
+        report = markdown(results)
+        write_bytes(out / "report.md", report.encode())
+        plot_loss(results, out / "loss.png", log_scale=args.log_scale)
+        plot_params(results, out / "params.png")
+        plot_pareto(results, out / "pareto.png")
+        plot_loss_vs_time(results, out / "loss_vs_time.png", log_scale=args.log_scale)
     print(report.split("\n![loss]")[0], file=sys.stdout)
     print(f"\nwritten: {out / 'results.json'}, {out / 'report.md'}, " + ", ".join(str(out / p) for p in PLOTS))
     failed = [

@@ -5,10 +5,15 @@ Every run ends with a status: "ok" (summary.json written), "diverged" (the child
 exit code `TrainingDiverged.exit_code`) or "failed" (any other exit: a user error, exit 2, or a crash), with the
 child's one-line error. Runs are resumable: a finished or diverged run is skipped, one with checkpoints continues
 with --resume, a failed one starts again.
+
+Several compares can share one --out (the same command in N shells, one per core or GPU): a run is trained under an
+exclusive lock on `.<run>.lock` beside its directory, and a compare that finds a run locked skips it (and, in a
+sweep, the rest of that method) and goes on to the next; whichever finishes last reports every run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,11 +36,19 @@ DIVERGED_MARKER = "diverged.json"  # in a diverged run's directory: a resumed co
 ERROR_LINE = re.compile(r"lorakit(?: [a-z]+)?: ((?:internal )?error: .*)")
 MAX_EXTENSIONS = 3  # a sweep extends its grid past an end at most this many times
 EXACT_MATCH_FILE = "exact_match.json"
+TAKEN = "another compare on this --out is training it"
 
 
 def pending(reason: str = "not finished yet") -> dict:
     """The outcome of a run that has not finished, in a report written with `--report-only`."""
-    return {"status": "pending", "diverged": False, "error": reason, "train_curve": [], "eval_curve": [], "time_curve": []}
+    return {
+        "status": "pending",
+        "diverged": False,
+        "error": reason,
+        "train_curve": [],
+        "eval_curve": [],
+        "time_curve": [],
+    }
 
 
 def run_one(cfg: TrainConfig, label: str, *, train: bool = True) -> dict:
@@ -48,6 +61,38 @@ def run_one(cfg: TrainConfig, label: str, *, train: bool = True) -> dict:
         return {**json.loads((out / DIVERGED_MARKER).read_text()), **read_curves(out)}
     if not train:
         return pending()
+    with claimed(out) as mine:
+        if not mine:
+            print(f"lorakit compare: {label} seed {cfg.seed}: {TAKEN}; skipped", flush=True)
+            return pending(TAKEN)
+        if (out / "summary.json").is_file() or (out / DIVERGED_MARKER).is_file():  # finished by the other compare
+            return run_one(cfg, label, train=False)
+        return _train(cfg, label, out)
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path, *, wait: bool = False):
+    """Yields True while this process holds the exclusive lock on `run_dir`; without `wait`, False at once when
+    another process holds it. The lock is the kernel's (flock), so it ends with its process, even after kill -9."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one compare per --out
+        yield True
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train(cfg: TrainConfig, label: str, out: Path) -> dict:
     resume = bool(checkpoint_dirs(out)) and (out / "run.json").is_file()
     if out.exists() and not resume:
         shutil.rmtree(out)  # an interrupted or failed run without checkpoint starts over
