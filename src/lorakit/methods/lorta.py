@@ -41,7 +41,8 @@ else (MLP layers, GPT-2's fused c_attn, BERT) is refused before the model is tou
 
 Learning rate: the authors used 3e-4 to 4e-4 (their LoRA baseline: 3e-4) for instruction tuning with alpha 16 and
 r ≈ 235, and 1e-2 to 5e-2 on GLUE and GSM8K where the scale alpha/r was small; start at LoRA's rate with the same
-alpha/r and sweep upwards.
+alpha/r and sweep upwards. Measured here (docs/reproduction.md): on SmolLM2-135M at alpha = r = 16, 60 steps, the
+best rate was 8.1e-2 (15-step eval loss 3.380; 2.7e-2: 3.485; 2.43e-1: 3.883), 90x LoRA's 9e-4.
 """
 
 from __future__ import annotations
