@@ -145,9 +145,10 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
 
 def plot_pareto(results: dict, path: Path) -> None:
     plt = _pyplot()
-    fig, axis = plt.subplots(figsize=(7.5, 5))
+    fig, axis = plt.subplots(figsize=(10, 5))
     points = []
-    for label, entry in results["methods"].items():
+    colors = plt.get_cmap("tab20")  # 20 distinct colours: a comparison of 14 variants repeats none
+    for index, (label, entry) in enumerate(results["methods"].items()):
         params, spread = plotted_parameters(entry), _final_spread(entry)
         if not params or spread is None:
             continue
@@ -155,8 +156,9 @@ def plot_pareto(results: dict, path: Path) -> None:
         stacked = sum(1 for p, m, _ in points if abs(math.log(p / params)) < 0.05 and abs(m - mean) < 0.01)
         points.append((params, mean, label))
         axis.errorbar(
-            [params], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=4, ms=6, label=label, zorder=3
-        )
+            [params], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=4, ms=6, label=label, zorder=3,
+            color=colors(index % 20),
+        )  # fmt: skip
         # labels of (nearly) coinciding points are stacked instead of printed over each other
         axis.annotate(label, (params, mean), textcoords="offset points", xytext=(6, 6 + 10 * stacked), fontsize=8)
     front = pareto_front(points)
@@ -170,8 +172,8 @@ def plot_pareto(results: dict, path: Path) -> None:
     axis.set_ylabel("final loss (mean; bars: min-max over seeds)")
     axis.set_title(f"final loss against adapter size, seeds {results['seeds']}")
     axis.grid(alpha=0.3, which="both")
-    if points:
-        axis.legend(fontsize=8)
+    if points:  # beside the axes, where it hides no point
+        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
