@@ -24,7 +24,6 @@ from .report import markdown, status, summarise
 from .runner import (
     EXACT_MATCH_FILE,
     MAX_EXTENSIONS,
-    TAKEN,
     claimed,
     pending,
     run_one,
@@ -163,12 +162,9 @@ def run_compare_command(args) -> int:
     # Compares sharing this --out write its outputs one at a time, each from the runs on disk when it writes, so the
     # last one to finish leaves the full report.
     with claimed(out / "outputs", wait=True):
-        taken = sum(1 for m in methods.values() for r in m["runs"].values() if r.get("error") == TAKEN)
-        if train and (taken or any(m.get("lr_sweep_pending") for m in methods.values())):
-            # another compare on this --out trained some runs meanwhile or is training them: report what is on disk
+        if train and _pending_runs(methods):  # another compare on this --out held them: report what is on disk now
             methods, swept = collect(False)
-            left = sum(1 for m in methods.values() for r in m["runs"].values() if r["status"] == "pending")
-            if left:
+            if left := _pending_runs(methods):
                 print(f"lorakit compare: {left} runs still train in another compare on {out};")
                 print("lorakit compare: the last one to end writes the full report (or use --report-only)")
 
@@ -197,6 +193,12 @@ def run_compare_command(args) -> int:
     if failed:
         raise RunsFailed(failed, sum(len(m["runs"]) for m in methods.values()), out / "report.md")
     return 0
+
+
+def _pending_runs(methods: dict) -> int:
+    """Runs not finished: in a training compare, the ones another compare on the same --out held (a run, or a
+    sweep run that the method's seeds wait for)."""
+    return sum(1 for m in methods.values() for r in m["runs"].values() if status(r) == "pending")
 
 
 class RunsFailed(LorakitError):
