@@ -140,6 +140,8 @@ def _write_cache(model, tokenizer, cached: Path) -> None:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, cached)
     except OSError as exc:
-        log.warning("could not cache the converted model at %s (%s); the next load will convert again", cached, exc)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if (cached / "config.json").is_file():
+            return  # another process converted the same file at the same time and cached it first
+        log.warning("could not cache the converted model at %s (%s); the next load will convert again", cached, exc)

@@ -57,6 +57,7 @@ class AccelerateRuntime:
         if state and state.get("_mixed_precision") not in (None, precision):
             AcceleratorState._reset_state(reset_partial_state=False)
         self._owns_state = not AcceleratorState._shared_state
+        self._owns_group = not torch.distributed.is_initialized()
         # cpu=True lets Accelerate run data-parallel over gloo when there is no GPU (torchrun on CPU)
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         self.process_index = self.accelerator.process_index
@@ -111,7 +112,14 @@ class AccelerateRuntime:
     def close(self) -> None:
         from accelerate.state import AcceleratorState
 
-        if self._owns_state:
+        if self._owns_group and self.num_processes > 1:
+            # The process group this run's Accelerator created ends with it. Left to the interpreter's exit, gloo's
+            # threads could be torn down in any order: a process that had trained and saved aborted ("terminate
+            # called without an active exception", SIGABRT) and torchrun failed the run. Accelerate's PartialState
+            # is dropped with it, so a later Accelerator in this process starts a new group.
+            self.accelerator.end_training()
+            AcceleratorState._reset_state(reset_partial_state=True)
+        elif self._owns_state:
             AcceleratorState._reset_state(reset_partial_state=False)
 
 
