@@ -2,14 +2,18 @@
 # The reproduction of every method's headline claim (docs/reproduction.md): three `lorakit compare` runs.
 # Each is resumable: run this script again after an interruption and it continues where it stopped (finished runs
 # are skipped, started ones resume from their last checkpoint). Outputs go to runs/claims-*; the committed copies of
-# results.json, report.md and the plots live in docs/reproduction/<dataset>/.
+# results.json, report.md and the plots live in docs/reproduction/<dataset>/. Each comparison also reuses its
+# committed results.json (`lorakit compare --reuse`): on a fresh clone, without runs/, the finished runs are taken
+# from it and only the missing ones train. REUSE="a.json b.json" adds further results files of the same settings.
 #
 #   bash docs/reproduction/run_claims.sh [uuid|stdlib|manpages|lorta-high|xgblora-high ...]    (default: all, in order)
 #   REPORT_ONLY=1 bash docs/reproduction/run_claims.sh stdlib          (the report of what has finished; trains nothing)
 #
-# Budget on 2 CPU cores: uuid ~2 h in float32 (SmolLM2 trains at ~150 tokens/s here). stdlib and manpages train with
-# bf16 autocast (Accelerate), 1.7x faster than float32 on this CPU (AVX512-BF16): ~2.5 h each. manpages runs 40 steps
-# (its examples are longer: a 15-step run takes ~1.3x stdlib's; 80 steps were estimated at ~8 h of one core). Two parts
+# Budget on 2 CPU cores: uuid ~2 h in float32 (SmolLM2 trains at ~150 tokens/s here). stdlib trains with bf16 autocast
+# (Accelerate), 1.7x faster than float32 on a CPU with AVX512-BF16 (~2.5 h) but ~28x slower than float32 on one
+# without (AVX2 only: 91 s against 3.2 s a step, measured 2026-12-02), so it needs such a CPU. manpages trains in
+# float32 on any CPU (it restarted so on 2026-12-02) and runs 40 steps (its examples are longer: a 15-step run takes
+# ~1.3x stdlib's; 80 steps were estimated at ~8 h of one core). Two parts
 # can run at once, one thread each (OMP_NUM_THREADS=1): together they do ~30% more than one part on two threads. So
 # can two copies of the same part (each run is trained by one of them; the last to end writes the full report):
 #   OMP_NUM_THREADS=1 bash docs/reproduction/run_claims.sh manpages &  OMP_NUM_THREADS=1 bash docs/reproduction/run_claims.sh manpages &
@@ -36,7 +40,17 @@ METHODS_MANPAGES=${METHODS/$LORTA,/$LORTA_HIGH,}
 # XGBLoRA's stdlib sweep ended at its limit too (2.43e-2 still the best): `xgblora-high` continues it upwards.
 XGBLORA_HIGH="lora:procedure=xgblora/layers=8:r=1:lr-sweep=8.1e-3/2.43e-2/7.29e-2"
 
-COMMON=(--lr-sweep auto --sweep-steps 15 --seeds 1,2,3 --batch-size 4 --eval-limit 48 --warmup 5 --rank 16 --precision bf16)
+COMMON=(--lr-sweep auto --sweep-steps 15 --seeds 1,2,3 --batch-size 4 --eval-limit 48 --warmup 5 --rank 16)
+STDLIB=(--precision bf16 --steps 60 --max-length 128 --eval-every 15)
+MANPAGES=(--precision no --steps 40 --max-length 256 --eval-every 10)
+
+# --reuse of the committed results of a part (when there are any), and of the files in $REUSE
+reuse() {
+  local file
+  for file in "docs/reproduction/$1/results.json" ${REUSE:-}; do
+    if [ -f "$file" ]; then printf -- '--reuse\n%s\n' "$file"; fi
+  done
+}
 
 # After each comparison (finished, with failed runs, or REPORT_ONLY) its results.json, report.md and plots are copied
 # to docs/reproduction/<dataset>/, the copies this repository commits.
@@ -53,24 +67,24 @@ run() {
     uuid)  # MoRA's claim: memorisation; LoRA and MoRA at equal trained parameters (r=8), exact match
       "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data uuid-pairs:n=64 --methods lora,mora --rank 8 \
         --steps 160 --batch-size 8 --lr-sweep auto --sweep-steps 40 --seeds 1,2,3 --eval-every 40 --warmup 10 \
-        --out runs/claims-uuid || code=$?
+        $(reuse uuid-pairs) --out runs/claims-uuid || code=$?
       publish runs/claims-uuid uuid-pairs ;;
     stdlib)
       "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$METHODS" "${COMMON[@]}" \
-        --steps 60 --max-length 128 --eval-every 15 --out runs/claims-stdlib || code=$?
+        "${STDLIB[@]}" $(reuse stdlib-docstrings) --out runs/claims-stdlib || code=$?
       publish runs/claims-stdlib stdlib-docstrings ;;
     manpages)
       "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data manpages-summaries --methods "$METHODS_MANPAGES" \
-        "${COMMON[@]}" \
-        --steps 40 --max-length 256 --eval-every 10 --out runs/claims-manpages || code=$?
+        "${COMMON[@]}" "${MANPAGES[@]}" $(reuse manpages-summaries) --out runs/claims-manpages || code=$?
       publish runs/claims-manpages manpages-summaries ;;
     lorta-high)  # stdlib-docstrings again, LoRTA alone, its sweep continued above the edge of the main run's
       "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$LORTA_HIGH" "${COMMON[@]}" \
-        --steps 60 --max-length 128 --eval-every 15 --out runs/claims-stdlib-lorta-high || code=$?
+        "${STDLIB[@]}" $(reuse stdlib-docstrings-lorta-high) --out runs/claims-stdlib-lorta-high || code=$?
       publish runs/claims-stdlib-lorta-high stdlib-docstrings-lorta-high ;;
     xgblora-high)  # likewise for XGBLoRA
       "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$XGBLORA_HIGH" \
-        "${COMMON[@]}" --steps 60 --max-length 128 --eval-every 15 --out runs/claims-stdlib-xgblora-high || code=$?
+        "${COMMON[@]}" "${STDLIB[@]}" $(reuse stdlib-docstrings-xgblora-high) --out runs/claims-stdlib-xgblora-high \
+        || code=$?
       publish runs/claims-stdlib-xgblora-high stdlib-docstrings-xgblora-high ;;
     *) echo "unknown part $1; use uuid, stdlib, manpages, lorta-high or xgblora-high" >&2; exit 2 ;;
   esac

@@ -206,6 +206,13 @@ def build_parser() -> Parser:
         "(unfinished runs are reported as pending); the other flags must be the comparison's own",
     )
     p.add_argument(
+        "--reuse",
+        action="append",
+        metavar="RESULTS_JSON",
+        help="an earlier comparison's results.json (repeatable): its finished runs and sweeps of the same setting "
+        "stand in for training them (when the run directories are gone); the rest is trained",
+    )
+    p.add_argument(
         "--demo",
         action="store_true",
         help="the built-in demo: default model and data, a budget for about 9 min on 2 CPU cores",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from test_train import adapter_tensors, config, max_diff
 
@@ -158,3 +159,32 @@ def test_procedures_and_rite_are_refused_under_fsdp_in_one_line(
         train(config(tiny_model_dir, instruction_file, tmp_path / "out", fsdp=True, **overrides))
     assert words in str(info.value) and "\n" not in str(info.value)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "machine, avx512_bf16, amx, precision, warned",
+    [
+        ("x86_64", False, False, "bf16", True),  # AVX2 only: emulated
+        ("x86_64", True, False, "bf16", False),
+        ("x86_64", False, True, "bf16", False),
+        ("x86_64", False, False, "no", False),
+        ("aarch64", False, False, "bf16", False),  # cannot tell: no warning
+    ],
+)
+def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch, machine, avx512_bf16, amx, precision, warned):
+    import platform
+    import warnings
+
+    from lorakit.training import distributed
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runtime = distributed.make_runtime(precision, fsdp=False)
+    runtime.close()
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert messages == ([distributed.BF16_EMULATED] if warned else [])
+    if warned:
+        assert "use --precision no" in messages[0]

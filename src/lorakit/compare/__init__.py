@@ -21,6 +21,7 @@ from ..errors import ConfigError, LorakitError
 from ..training.run_config import TrainConfig, check_writable
 from .plots import plot_loss, plot_loss_vs_time, plot_params, plot_pareto
 from .report import markdown, status, summarise
+from .reuse import ReusedResults
 from .runner import (
     EXACT_MATCH_FILE,
     MAX_EXTENSIONS,
@@ -95,6 +96,7 @@ def run_compare_command(args) -> int:
     setting = {
         k: v for k, v in dataclasses.asdict(base).items() if k not in ("out", "seed", "method", "quiet", "resume")
     }
+    reused = ReusedResults(getattr(args, "reuse", None), setting, sweep_steps, MAX_EXTENSIONS)  # checked first
     identity = {
         "methods": [s.label for s in specs],
         "lr_sweep": global_sweep,
@@ -102,7 +104,7 @@ def run_compare_command(args) -> int:
     }  # seeds may be added later
     marker = out / "compare.json"
     train = not getattr(args, "report_only", False)
-    if not train and not marker.is_file():
+    if not train and not marker.is_file() and not reused.sources:
         raise ConfigError(f"--report-only: --out {out} holds no comparison; run it without --report-only first")
     if marker.is_file() and _read_identity(marker) != identity:
         raise ConfigError(
@@ -119,7 +121,11 @@ def run_compare_command(args) -> int:
         for spec in specs:
             lr, sweep = spec.overrides.get("lr", base.lr), None
             grid = initial_grid(spec, global_sweep)
-            if grid is not None:
+            earlier = reused.method(spec.label, grid, lr)
+            if earlier is not None:
+                lr, sweep = earlier.lr, earlier.sweep()
+                swept = swept or sweep is not None
+            elif grid is not None:
                 sweep = sweep_learning_rate(
                     base, spec, grid, sweep_steps, out / "sweep", max_extensions=MAX_EXTENSIONS, train=train
                 )
@@ -136,9 +142,12 @@ def run_compare_command(args) -> int:
                     seed=seed,
                     out=str(out / "runs" / spec.slug / f"seed-{seed}"),
                 )
-                runs[str(seed)] = run = run_one(cfg, spec.label, train=train)
+                run = run_one(cfg, spec.label, train=False)  # a run on disk comes first
+                if status(run) == "pending":
+                    run = (earlier and earlier.run(seed)) or run_one(cfg, spec.label, train=train)
+                runs[str(seed)] = run
                 measured = train or (Path(cfg.out) / EXACT_MATCH_FILE).is_file()  # --report-only: measured ones only
-                if exact_match_limit and status(run) == "ok" and measured:
+                if exact_match_limit and status(run) == "ok" and measured and "reused_from" not in run:
                     run.update(score_exact_match(cfg, exact_match_source, exact_match_limit))
             methods[spec.label] = {
                 "method": spec.method,
@@ -147,6 +156,8 @@ def run_compare_command(args) -> int:
                 "lr_sweep": sweep and sweep["losses"],  # {rate: final loss of the short run, or "diverged" / "failed"}
                 "runs": runs,
             }
+            if earlier is not None:
+                methods[spec.label]["reused_from"] = earlier.source
             if sweep is not None:
                 methods[spec.label].update(
                     lr_sweep_grid=sweep["grid"],

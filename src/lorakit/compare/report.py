@@ -233,6 +233,7 @@ def markdown(results: dict) -> str:
         lines += ["", "Exact match could not be measured for:", "", *missing]
     if unfinished:
         lines += ["", "Runs that did not finish (left out of the statistics):", "", *unfinished]
+    lines += _reused_lines(results)
     total = sum(len(entry["runs"]) for entry in results["methods"].values())
     waiting = sum(entry.get("pending_runs", 0) for entry in results["methods"].values())
     if waiting:  # --report-only while the comparison is still running
@@ -246,6 +247,20 @@ def markdown(results: dict) -> str:
     lines += ["", "![loss](loss.png)", "", "![params](params.png)", "", "![pareto](pareto.png)", ""]
     lines += ["![loss against wall time](loss_vs_time.png)", ""]
     return "\n".join(lines)
+
+
+def _reused_lines(results: dict) -> list[str]:
+    """Which runs came from an earlier comparison's results.json (`--reuse`), not from this one's training."""
+    by_source: dict[str, list[str]] = {}
+    for label, entry in results["methods"].items():
+        seeds = [seed for seed, run in entry["runs"].items() if run.get("reused_from")]
+        for source in {entry["runs"][seed]["reused_from"] for seed in seeds}:
+            mine = [s for s in seeds if entry["runs"][s]["reused_from"] == source]
+            by_source.setdefault(source, []).append(f"{label} (seed{'s' if len(mine) > 1 else ''} {', '.join(mine)})")
+    if not by_source:
+        return []
+    lines = ["", "Runs taken from an earlier comparison of the same setting (`--reuse`), not trained in this one:", ""]
+    return lines + [f"- {source}: {'; '.join(labels)}" for source, labels in by_source.items()]
 
 
 def _percent(mean: float | None, std: float | None) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -31,15 +32,35 @@ def _flag_set(name: str) -> bool:
 
 
 def make_runtime(precision: str, fsdp: bool):
-    if fsdp:
-        return FsdpRuntime(precision)
-    if _flag_set("ACCELERATE_USE_FSDP"):
+    if not fsdp and _flag_set("ACCELERATE_USE_FSDP"):
         # Accelerate would shard with its own FSDP wrapper (or, on CPU, silently fall back to DDP)
         raise ConfigError(
             "accelerate launch --use_fsdp is not supported; pass --fsdp to lorakit train instead "
             f"({LAUNCH_HINT}, or accelerate launch without --use_fsdp)"
         )
-    return AccelerateRuntime(precision)
+    runtime = FsdpRuntime(precision) if fsdp else AccelerateRuntime(precision)
+    if precision == "bf16" and runtime.device.type == "cpu" and cpu_bf16_is_emulated():
+        warnings.warn(BF16_EMULATED, stacklevel=2)
+    return runtime
+
+
+BF16_EMULATED = (
+    "--precision bf16 on a CPU without native bfloat16 (no AVX512-BF16 or AMX) is emulated: much slower than "
+    "float32 (28x a training step of SmolLM2-135M on an AVX2 CPU); use --precision no on this machine"
+)
+
+
+def cpu_bf16_is_emulated() -> bool:
+    """True on an x86 CPU whose bfloat16 matrix products PyTorch must emulate (neither AVX512-BF16 nor AMX); False
+    where it has them, or where it cannot tell (other architectures)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not all(callable(check) for check in checks):
+        return False  # a PyTorch without these probes: do not guess
+    return not any(check() for check in checks)
 
 
 class AccelerateRuntime:
