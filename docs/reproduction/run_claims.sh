@@ -12,8 +12,9 @@
 # Budget on 2 CPU cores: uuid ~2 h in float32 (SmolLM2 trains at ~150 tokens/s here). stdlib trains with bf16 autocast
 # (Accelerate), 1.7x faster than float32 on a CPU with AVX512-BF16 (~2.5 h) but ~28x slower than float32 on one
 # without (AVX2 only: 91 s against 3.2 s a step, measured 2026-12-02), so it needs such a CPU. manpages trains in
-# float32 on any CPU (it restarted so on 2026-12-02) and runs 40 steps (its examples are longer: a 15-step run takes
-# ~1.3x stdlib's; 80 steps were estimated at ~8 h of one core). Two parts
+# float32, the same on any CPU (it restarted so on 2026-12-02). On an AVX2 core it takes ~10 s a step and ~1.5 s per
+# eval example, so its budget is 30 steps, sweeps of 10 steps and 32 eval examples: ~38 min per variant, ~4 h on 2
+# cores (at 40 steps, 15-step sweeps and 48 eval examples it was ~61 min per variant, ~6.6 h). Two parts
 # can run at once, one thread each (OMP_NUM_THREADS=1): together they do ~30% more than one part on two threads. So
 # can two copies of the same part (each run is trained by one of them; the last to end writes the full report):
 #   OMP_NUM_THREADS=1 bash docs/reproduction/run_claims.sh manpages &  OMP_NUM_THREADS=1 bash docs/reproduction/run_claims.sh manpages &
@@ -42,7 +43,7 @@ XGBLORA_HIGH="lora:procedure=xgblora/layers=8:r=1:lr-sweep=8.1e-3/2.43e-2/7.29e-
 
 COMMON=(--lr-sweep auto --sweep-steps 15 --seeds 1,2,3 --batch-size 4 --eval-limit 48 --warmup 5 --rank 16)
 STDLIB=(--precision bf16 --steps 60 --max-length 128 --eval-every 15)
-MANPAGES=(--precision no --steps 40 --max-length 256 --eval-every 10)
+MANPAGES=(--precision no --steps 30 --sweep-steps 10 --eval-limit 32 --max-length 256 --eval-every 10)
 
 # --reuse of the committed results of a part (when there are any), and of the files in $REUSE
 reuse() {
