@@ -187,3 +187,15 @@ def test_unreadable_or_foreign_files_are_refused(tmp_path, content, message):
         path.write_text(content)
     with pytest.raises(ConfigError, match=re.escape(message)):
         ReusedResults([str(path)], SETTING, 2, 3)
+
+
+def test_report_only_from_reused_results_alone(earlier, tiny_model_dir, instruction_file, tmp_path):
+    """A fresh clone: no run directories, only the committed results.json. --report-only writes its report from it,
+    trains nothing, and lists the seeds it does not hold as pending."""
+    out = tmp_path / "fresh"
+    result = compare(tiny_model_dir, instruction_file, out, SWEPT, "1,2", "--reuse", earlier, "--report-only")
+    assert result.returncode == 0, result.stderr
+    assert started(result.stdout) == [] and not (out / "runs").exists() and not (out / "sweep").exists()
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert all(m["runs"]["1"]["status"] == "ok" and m["runs"]["2"]["status"] == "pending" for m in methods.values())
+    assert "**Partial report**: 2 of 4 runs have finished" in (out / "report.md").read_text()
