@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import LorakitError
@@ -15,6 +16,8 @@ from .methods import METHODS
 from .models import DEFAULT_MODEL
 from .procedures import PROCEDURES
 from .training.run_config import OPTIMIZERS, PRECISIONS, REPORTERS, SCHEDULES, TrainConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 DEFAULTS = TrainConfig()
 
@@ -268,6 +271,15 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    default_format = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        """lorakit's own warnings as one line, like its errors; other libraries' keep their format."""
+        if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+            return f"lorakit: warning: {_one_line(message)}\n"
+        return default_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
 
 
 if __name__ == "__main__":  # pragma: no cover

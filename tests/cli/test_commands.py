@@ -241,3 +241,18 @@ def test_interrupt_and_failed_comparisons_exit_with_their_documented_codes(raise
     monkeypatch.setattr(commands, "run_inspect", command)
     assert cli.main(["inspect", "anywhere"]) == code
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(words)
+
+
+def test_lorakits_own_warnings_print_as_one_line(monkeypatch):
+    """On the CLI a lorakit warning reads `lorakit: warning: ...` (one line, like its errors); a warning of another
+    library keeps Python's format, naming its file."""
+    import warnings
+
+    from lorakit import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    cli._quiet_libraries()
+    ours = warnings.formatwarning("bf16 is\nemulated here", UserWarning, str(cli.PACKAGE_DIR / "training" / "x.py"), 7)
+    assert ours == "lorakit: warning: bf16 is emulated here\n"
+    theirs = warnings.formatwarning("deprecated", UserWarning, "/site-packages/other/mod.py", 3)
+    assert theirs.startswith("/site-packages/other/mod.py:3: UserWarning: deprecated")
