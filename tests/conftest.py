@@ -14,6 +14,12 @@ from pathlib import Path
 # and in the subprocesses the tests start (they inherit the environment), instead of a silent download.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# `make test` runs N xdist workers; each one's PyTorch (and each CLI child it starts) would take a thread per core,
+# N times too many threads for the cores: the cores are shared out instead (set before torch is imported).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_threads))
 
 import pytest
 import torch
