@@ -1,5 +1,6 @@
 """`lorakit compare`: every method × every seed with the same data order, batch, schedule and budget, then
-results.json, report.md, loss.png, params.png, pareto.png and loss_vs_time.png. Resumable per (method, seed).
+results.json, report.md, loss.png, params.png, pareto.png and loss_vs_time.png. Resumable per (method, seed), from
+the run directories or, where they are gone, from an earlier results.json of the same setting (`--reuse`, reuse.py).
 
 Learning rates: a method's `lr=` is used as given; otherwise `--lr-sweep` (a comma-separated grid for every method,
 or `auto`: each method's own grid centred on its documented rate) or the method's own `lr-sweep=a/b/c` (or
