@@ -6,7 +6,7 @@
 # committed results.json (`lorakit compare --reuse`): on a fresh clone, without runs/, the finished runs are taken
 # from it and only the missing ones train. REUSE="a.json b.json" adds further results files of the same settings.
 #
-#   bash docs/reproduction/run_claims.sh [uuid|stdlib|stdlib-float32|manpages|lorta-high|xgblora-high ...]
+#   bash docs/reproduction/run_claims.sh [uuid|stdlib|stdlib-float32|manpages|lorta-high|xgblora-high|increlora-high|melora-high ...]
 #                                                                                  (default: all, in order)
 #   REPORT_ONLY=1 bash docs/reproduction/run_claims.sh stdlib          (the report of what has finished; trains nothing)
 #
@@ -46,6 +46,10 @@ XGBLORA_HIGH="lora:procedure=xgblora/layers=8:r=1:lr-sweep=8.1e-3/2.43e-2/7.29e-
 # (IncreLoRA, LoRA-RITE; 28x slower there in emulated bf16), with XGBLoRA's sweep centred on the edge its bf16 sweep
 # reached, and LoRA as the reference measured in the same precision.
 METHODS_FLOAT32="lora,lora:procedure=increlora:r=8,lora:optimizer=rite,$XGBLORA_HIGH"
+# Two more sweeps ended at their limit, still the best at the top: IncreLoRA's in stdlib-float32 (2.43e-2) and
+# MELoRA's in manpages (2.43e-2). `increlora-high` and `melora-high` continue them upwards, as lorta-high does.
+INCRELORA_HIGH="lora:procedure=increlora:r=8:lr-sweep=2.43e-2/7.29e-2/2.187e-1"
+MELORA_HIGH="melora:r=2:blocks=8:lr-sweep=8.1e-3/2.43e-2/7.29e-2"
 
 COMMON=(--lr-sweep auto --sweep-steps 15 --seeds 1,2,3 --batch-size 4 --eval-limit 48 --warmup 5 --rank 16)
 STDLIB=(--precision bf16 --steps 60 --max-length 128 --eval-every 15)
@@ -98,13 +102,24 @@ run() {
         "${COMMON[@]}" "${STDLIB[@]}" $(reuse stdlib-docstrings-xgblora-high) --out runs/claims-stdlib-xgblora-high \
         || code=$?
       publish runs/claims-stdlib-xgblora-high stdlib-docstrings-xgblora-high ;;
-    *) echo "unknown part $1; use uuid, stdlib, stdlib-float32, manpages, lorta-high or xgblora-high" >&2; exit 2 ;;
+    increlora-high)  # stdlib-float32 again, IncreLoRA alone, its sweep continued above the edge
+      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$INCRELORA_HIGH" \
+        "${COMMON[@]}" "${STDLIB[@]}" --precision no $(reuse stdlib-docstrings-float32-increlora-high) \
+        --out runs/claims-stdlib-float32-increlora-high || code=$?
+      publish runs/claims-stdlib-float32-increlora-high stdlib-docstrings-float32-increlora-high ;;
+    melora-high)  # manpages again, MELoRA alone, its sweep continued above the edge
+      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data manpages-summaries --methods "$MELORA_HIGH" \
+        "${COMMON[@]}" "${MANPAGES[@]}" $(reuse manpages-summaries-melora-high) --out runs/claims-manpages-melora-high \
+        || code=$?
+      publish runs/claims-manpages-melora-high manpages-summaries-melora-high ;;
+    *) echo "unknown part $1; use uuid, stdlib, stdlib-float32, manpages, lorta-high, xgblora-high, increlora-high or melora-high" >&2
+       exit 2 ;;
   esac
   return "$code"
 }
 
 status=0
-for part in "${@:-uuid stdlib stdlib-float32 manpages lorta-high xgblora-high}"; do
+for part in "${@:-uuid stdlib stdlib-float32 manpages lorta-high xgblora-high increlora-high melora-high}"; do
   for one in $part; do run "$one" || status=$?; done
 done
 exit "$status"
