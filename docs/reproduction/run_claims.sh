@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The reproduction of every method's headline claim (docs/reproduction.md): three `lorakit compare` runs.
+# The reproduction of every method's headline claim (docs/reproduction.md): eight `lorakit compare` runs (parts).
 # Each is resumable: run this script again after an interruption and it continues where it stopped (finished runs
 # are skipped, started ones resume from their last checkpoint). Outputs go to runs/claims-*; the committed copies of
 # results.json, report.md and the plots live in docs/reproduction/<dataset>/. Each comparison also reuses its
 # committed results.json (`lorakit compare --reuse`): on a fresh clone, without runs/, the finished runs are taken
 # from it and only the missing ones train. REUSE="a.json b.json" adds further results files of the same settings.
 #
-#   bash docs/reproduction/run_claims.sh [uuid|stdlib|stdlib-float32|manpages|lorta-high|xgblora-high|increlora-high|melora-high ...]
-#                                                                                  (default: all, in order)
+#   bash docs/reproduction/run_claims.sh [PART ...]        (default: all, in order; the parts are listed in run())
 #   REPORT_ONLY=1 bash docs/reproduction/run_claims.sh stdlib          (the report of what has finished; trains nothing)
 #
 # Budget on 2 CPU cores: uuid ~2 h in float32 (SmolLM2 trains at ~150 tokens/s here). stdlib trains with bf16 autocast
@@ -52,7 +51,7 @@ INCRELORA_HIGH="lora:procedure=increlora:r=8:lr-sweep=2.43e-2/7.29e-2/2.187e-1"
 MELORA_HIGH="melora:r=2:blocks=8:lr-sweep=8.1e-3/2.43e-2/7.29e-2"
 
 COMMON=(--lr-sweep auto --sweep-steps 15 --seeds 1,2,3 --batch-size 4 --eval-limit 48 --warmup 5 --rank 16)
-STDLIB=(--precision bf16 --steps 60 --max-length 128 --eval-every 15)
+STDLIB=(--steps 60 --max-length 128 --eval-every 15)  # with --precision bf16, or no in the float32 parts
 MANPAGES=(--precision no --steps 30 --sweep-steps 10 --eval-limit 32 --max-length 256 --eval-every 10)
 
 # --reuse of the committed results of a part (when there are any), and of the files in $REUSE
@@ -63,59 +62,53 @@ reuse() {
   done
 }
 
-# After each comparison (finished, with failed runs, or REPORT_ONLY) its results.json, report.md and plots are copied
-# to docs/reproduction/<dataset>/, the copies this repository commits.
-publish() {
-  mkdir -p "docs/reproduction/$2"
+# One comparison: `lorakit compare ARGS --out runs/claims-NAME`, reusing the committed results of DIR. Afterwards
+# (finished, with failed runs, or REPORT_ONLY) its results.json, report.md and plots are copied to
+# docs/reproduction/DIR/, the copies this repository commits.
+compare() {
+  local name=$1 dir=$2 code=0 file
+  shift 2
+  "$LORAKIT" compare ${REPORT_ONLY:+--report-only} "$@" $(reuse "$dir") --out "runs/claims-$name" || code=$?
+  mkdir -p "docs/reproduction/$dir"
   for file in results.json report.md loss.png params.png pareto.png loss_vs_time.png; do
-    if [ -f "$1/$file" ]; then cp "$1/$file" "docs/reproduction/$2/$file"; fi
+    if [ -f "runs/claims-$name/$file" ]; then cp "runs/claims-$name/$file" "docs/reproduction/$dir/$file"; fi
   done
+  return "$code"
 }
 
 run() {
-  local code=0
   case "$1" in
     uuid)  # MoRA's claim: memorisation; LoRA and MoRA at equal trained parameters (r=8), exact match
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data uuid-pairs:n=64 --methods lora,mora --rank 8 \
-        --steps 160 --batch-size 8 --lr-sweep auto --sweep-steps 40 --seeds 1,2,3 --eval-every 40 --warmup 10 \
-        $(reuse uuid-pairs) --out runs/claims-uuid || code=$?
-      publish runs/claims-uuid uuid-pairs ;;
+      compare uuid uuid-pairs --data uuid-pairs:n=64 --methods lora,mora --rank 8 --steps 160 --batch-size 8 \
+        --lr-sweep auto --sweep-steps 40 --seeds 1,2,3 --eval-every 40 --warmup 10 ;;
     stdlib)
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$METHODS" "${COMMON[@]}" \
-        "${STDLIB[@]}" $(reuse stdlib-docstrings) --out runs/claims-stdlib || code=$?
-      publish runs/claims-stdlib stdlib-docstrings ;;
+      compare stdlib stdlib-docstrings --data stdlib-docstrings --methods "$METHODS" "${COMMON[@]}" "${STDLIB[@]}" \
+        --precision bf16 ;;
     stdlib-float32)  # the same setting as stdlib but float32 (see METHODS_FLOAT32)
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$METHODS_FLOAT32" \
-        "${COMMON[@]}" "${STDLIB[@]}" --precision no $(reuse stdlib-docstrings-float32) \
-        --out runs/claims-stdlib-float32 || code=$?
-      publish runs/claims-stdlib-float32 stdlib-docstrings-float32 ;;
+      compare stdlib-float32 stdlib-docstrings-float32 --data stdlib-docstrings --methods "$METHODS_FLOAT32" \
+        "${COMMON[@]}" "${STDLIB[@]}" --precision no ;;
     manpages)
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data manpages-summaries --methods "$METHODS_MANPAGES" \
-        "${COMMON[@]}" "${MANPAGES[@]}" $(reuse manpages-summaries) --out runs/claims-manpages || code=$?
-      publish runs/claims-manpages manpages-summaries ;;
-    lorta-high)  # stdlib-docstrings again, LoRTA alone, its sweep continued above the edge of the main run's
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$LORTA_HIGH" "${COMMON[@]}" \
-        "${STDLIB[@]}" $(reuse stdlib-docstrings-lorta-high) --out runs/claims-stdlib-lorta-high || code=$?
-      publish runs/claims-stdlib-lorta-high stdlib-docstrings-lorta-high ;;
-    xgblora-high)  # likewise for XGBLoRA
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$XGBLORA_HIGH" \
-        "${COMMON[@]}" "${STDLIB[@]}" $(reuse stdlib-docstrings-xgblora-high) --out runs/claims-stdlib-xgblora-high \
-        || code=$?
-      publish runs/claims-stdlib-xgblora-high stdlib-docstrings-xgblora-high ;;
-    increlora-high)  # stdlib-float32 again, IncreLoRA alone, its sweep continued above the edge
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data stdlib-docstrings --methods "$INCRELORA_HIGH" \
-        "${COMMON[@]}" "${STDLIB[@]}" --precision no $(reuse stdlib-docstrings-float32-increlora-high) \
-        --out runs/claims-stdlib-float32-increlora-high || code=$?
-      publish runs/claims-stdlib-float32-increlora-high stdlib-docstrings-float32-increlora-high ;;
-    melora-high)  # manpages again, MELoRA alone, its sweep continued above the edge
-      "$LORAKIT" compare ${REPORT_ONLY:+--report-only} --data manpages-summaries --methods "$MELORA_HIGH" \
-        "${COMMON[@]}" "${MANPAGES[@]}" $(reuse manpages-summaries-melora-high) --out runs/claims-manpages-melora-high \
-        || code=$?
-      publish runs/claims-manpages-melora-high manpages-summaries-melora-high ;;
-    *) echo "unknown part $1; use uuid, stdlib, stdlib-float32, manpages, lorta-high, xgblora-high, increlora-high or melora-high" >&2
-       exit 2 ;;
+      compare manpages manpages-summaries --data manpages-summaries --methods "$METHODS_MANPAGES" "${COMMON[@]}" \
+        "${MANPAGES[@]}" ;;
+    # Sweeps continued above the edge their main comparison reached, each variant alone (a comparison's method list
+    # cannot change once it has started).
+    lorta-high)
+      compare stdlib-lorta-high stdlib-docstrings-lorta-high --data stdlib-docstrings --methods "$LORTA_HIGH" \
+        "${COMMON[@]}" "${STDLIB[@]}" --precision bf16 ;;
+    xgblora-high)
+      compare stdlib-xgblora-high stdlib-docstrings-xgblora-high --data stdlib-docstrings --methods "$XGBLORA_HIGH" \
+        "${COMMON[@]}" "${STDLIB[@]}" --precision bf16 ;;
+    increlora-high)
+      compare stdlib-float32-increlora-high stdlib-docstrings-float32-increlora-high --data stdlib-docstrings \
+        --methods "$INCRELORA_HIGH" "${COMMON[@]}" "${STDLIB[@]}" --precision no ;;
+    melora-high)
+      compare manpages-melora-high manpages-summaries-melora-high --data manpages-summaries --methods "$MELORA_HIGH" \
+        "${COMMON[@]}" "${MANPAGES[@]}" ;;
+    *)
+      echo "unknown part $1; use uuid, stdlib, stdlib-float32, manpages, lorta-high, xgblora-high, increlora-high" \
+        "or melora-high" >&2
+      exit 2 ;;
   esac
-  return "$code"
 }
 
 status=0
