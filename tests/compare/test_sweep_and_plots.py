@@ -338,6 +338,14 @@ def test_pareto_front():
     assert pareto_front([]) == []
 
 
+def test_plot_labels_drop_the_sweep_grid_and_keep_every_other_option():
+    from lorakit.compare.plots import plot_label
+
+    assert plot_label("lorta:targets=q_proj/k_proj:lr-sweep=2.7e-2/8.1e-2/2.43e-1") == "lorta:targets=q_proj/k_proj"
+    assert plot_label("mini:lr-sweep=1e-3/3e-3:a=64") == "mini:a=64"
+    assert plot_label("lora:procedure=cola/links=3") == "lora:procedure=cola/links=3"
+
+
 def test_one_seed_table_has_no_zero_spread():
     from lorakit.compare.report import markdown
 

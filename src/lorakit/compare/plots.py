@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,12 @@ def matplotlib_ticker():
     import matplotlib.ticker
 
     return matplotlib.ticker
+
+
+def plot_label(label: str) -> str:
+    """A variant's name as the plots print it: without its `lr-sweep=` grid (the report lists the grid and the rate
+    it chose), so `lorta:targets=q_proj/k_proj:lr-sweep=2.7e-2/8.1e-2` reads `lorta:targets=q_proj/k_proj`."""
+    return re.sub(r":lr-sweep=[^:]*", "", label)
 
 
 def _band(curves: list[list[list[float]]]):
@@ -54,8 +61,8 @@ def plot_loss(results: dict, path: Path, log_scale: bool = False) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (label, entry) in enumerate(results["methods"].items()):
-        color = colors[index % len(colors)]
+    for index, (name, entry) in enumerate(results["methods"].items()):
+        color, label = colors[index % len(colors)], plot_label(name)
         runs = [r for r in entry["runs"].values() if status(r) == "ok"]  # diverged / failed runs: not drawn
         for axis, key, smooth in ((axes[0], "train_curve", True), (axes[1], "eval_curve", False)):
             band = _band([_smooth(r[key]) if smooth else r[key] for r in runs])
@@ -103,7 +110,8 @@ def plotted_parameters(entry: dict) -> int | None:
 def plot_params(results: dict, path: Path) -> None:
     plt = _pyplot()
     fig, axis = plt.subplots(figsize=(6.5, 4.5))
-    for label, entry in results["methods"].items():
+    for name, entry in results["methods"].items():
+        label = plot_label(name)
         mean, std = entry["mean"]["final_eval_loss"], entry["std"]["final_eval_loss"]
         params = plotted_parameters(entry)
         if not params or mean is None or not math.isfinite(mean):  # no finished run
@@ -148,7 +156,8 @@ def plot_pareto(results: dict, path: Path) -> None:
     fig, axis = plt.subplots(figsize=(10, 5))
     points = []
     colors = plt.get_cmap("tab20")  # 20 distinct colours: a comparison of 14 variants repeats none
-    for index, (label, entry) in enumerate(results["methods"].items()):
+    for index, (name, entry) in enumerate(results["methods"].items()):
+        label = plot_label(name)
         params, spread = plotted_parameters(entry), _final_spread(entry)
         if not params or spread is None:
             continue
@@ -202,8 +211,8 @@ def plot_loss_vs_time(results: dict, path: Path, log_scale: bool = False) -> Non
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (label, entry) in enumerate(results["methods"].items()):
-        color = colors[index % len(colors)]
+    for index, (name, entry) in enumerate(results["methods"].items()):
+        color, label = colors[index % len(colors)], plot_label(name)
         runs = [r for r in entry["runs"].values() if status(r) == "ok"]
         if not runs:
             continue
