@@ -456,8 +456,8 @@ def _documented_variants() -> set[str]:
     methods = "lora|olora|mini|loraxs|melora|prolora|mora|lorta"
     found = set(re.findall(rf"`((?:{methods}):[^`\s]+)`", (root / "README.md").read_text()))
     script = (root / "docs" / "reproduction" / "run_claims.sh").read_text()
-    for listed in re.findall(r'^METHODS\+?="([^"]+)"', script, flags=re.M):
-        found.update(item.lstrip(",") for item in listed.split(",") if item)
+    for listed in re.findall(r'^[A-Z_0-9]+\+?="([^"]+)"', script, flags=re.M):  # METHODS, MELORA_HIGH, ...
+        found.update(item for item in listed.split(",") if re.match(rf"(?:{methods})(?::|$)", item))
     return found
 
 
