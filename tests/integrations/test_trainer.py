@@ -248,12 +248,17 @@ def test_ddp_two_processes_save_once_and_resume_exactly(tmp_path):
     script = Path(__file__).with_name("ddp_trainer.py")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*torchrun, str(tmp_path / "whole"), "4"], check=True, env=env, capture_output=True)
+
+    def run(*args: str) -> None:  # a failing child shows its own error, not only torchrun's exit status
+        done = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    run(str(tmp_path / "whole"), "4")
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     for later in ("checkpoint-4", "final"):  # as if killed after the step-2 checkpoint
         shutil.rmtree(tmp_path / "cut" / later)
     assert_no_base_stored(tmp_path / "cut" / "checkpoint-2", adapted("lora"))
-    subprocess.run([*torchrun, str(tmp_path / "cut"), "4", "resume"], check=True, env=env, capture_output=True)
+    run(str(tmp_path / "cut"), "4", "resume")
     whole = lorakit.load_adapter(tiny_llama(), tmp_path / "whole" / "final")
     resumed = lorakit.load_adapter(tiny_llama(), tmp_path / "cut" / "final")
     assert max_diff(trained(whole), trained(resumed)) <= 1e-6
