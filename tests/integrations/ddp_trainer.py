@@ -31,5 +31,6 @@ def main() -> None:
     sys.stderr.flush()
     os._exit(0)
 
+
 if __name__ == "__main__":
     main()
