@@ -22,30 +22,22 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .base_layers import frozen_base
 from .config import AdapterConfig
 from .errors import ConfigError
-from .fingerprint import Fingerprint
+from .fingerprint import Fingerprint, frozen_fingerprint
 from .options import Option
-
-try:  # transformers is a dependency, but keep the layer importable without it
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None
-
-# layer type -> whether its weight is stored transposed (in x out) relative to nn.Linear
-SUPPORTED_LAYERS: dict[type, bool] = {nn.Linear: False}
-if Conv1D is not None:
-    SUPPORTED_LAYERS[Conv1D] = True
 
 
 def is_supported_layer(module: nn.Module) -> bool:
-    return type(module) in SUPPORTED_LAYERS
+    """Whether an adapter can wrap this module: a dense or quantized linear layer (see `lorakit.base_layers`)."""
+    return frozen_base(module) is not None
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a supported layer."""
-    weight = module.weight
-    return (weight.shape[0], weight.shape[1]) if SUPPORTED_LAYERS[type(module)] else (weight.shape[1], weight.shape[0])
+    base = frozen_base(module)
+    return base.in_features, base.out_features
 
 
 class AdapterLayer(nn.Module):
@@ -70,12 +62,19 @@ class AdapterLayer(nn.Module):
         # a plain reference, not a submodule: the owner is registered once on the model (see `SharedParameters`)
         object.__setattr__(self, "shared", shared)
         # Taken first, before anything (OLoRA, merge, FSDP sharding) could change or split the weight.
-        self.base_fingerprint = fingerprint or Fingerprint.of(base_layer.weight)
+        frozen = frozen_base(base_layer)
+        if frozen is None:
+            raise ConfigError(
+                f"{name} is a {type(base_layer).__name__}, which lorakit cannot adapt; target linear layers "
+                "(nn.Linear, Conv1D, bitsandbytes 4-bit / 8-bit, torchao NF4)"
+            )
+        object.__setattr__(self, "frozen", frozen)  # a plain reference: base_layer is the registered submodule
+        self.base_fingerprint = fingerprint or frozen_fingerprint(frozen)
         self.base_layer = base_layer
         self.name = name
         self.config = config
-        self.fan_in_fan_out = SUPPORTED_LAYERS[type(base_layer)]
-        self.in_features, self.out_features = linear_shape(base_layer)
+        self.fan_in_fan_out = frozen.transposed
+        self.in_features, self.out_features = frozen.in_features, frozen.out_features
         self.r = config.r
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
@@ -85,9 +84,8 @@ class AdapterLayer(nn.Module):
         # Chain of LoRA's finished links, frozen: (A, s·B) of rank Σ r_j, added to the update (plain tensors, not
         # buffers: a procedure owns and saves them)
         self.frozen_links: tuple[torch.Tensor, torch.Tensor] | None = None
-        weight = base_layer.weight
         # Trained factors live in float32 under half-precision bases (their updates are too small for fp16/bf16).
-        self.factor_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.factor_dtype = torch.float32 if frozen.dtype in (torch.float16, torch.bfloat16) else frozen.dtype
         self.build()
         if initialize:
             self.initialize()
@@ -151,10 +149,10 @@ class AdapterLayer(nn.Module):
 
     # ----------------------------------------------------------------- shared machinery
     def new_parameter(self, tensor: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(tensor.to(device=self.base_layer.weight.device, dtype=self.factor_dtype))
+        return nn.Parameter(tensor.to(device=self.frozen.device, dtype=self.factor_dtype))
 
     def new_buffer(self, name: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(name, tensor.to(device=self.base_layer.weight.device, dtype=self.factor_dtype))
+        self.register_buffer(name, tensor.to(device=self.frozen.device, dtype=self.factor_dtype))
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in self.trainable}
@@ -169,13 +167,13 @@ class AdapterLayer(nn.Module):
         self.after_load()
 
     def base_weight_linear(self) -> torch.Tensor:
-        """The base weight in nn.Linear layout (out x in), as a view."""
-        weight = self.base_layer.weight
-        return weight.T if self.fan_in_fan_out else weight
+        """The base weight in nn.Linear layout (out x in): a view of a dense weight, a temporary dequantized copy of
+        a quantized one."""
+        return self.frozen.dense_weight()
 
     def delta_weight(self) -> torch.Tensor:
-        """s * ΔW in the layout and dtype of `base_layer.weight` (computed in the factors' precision)."""
-        return self._layout(self.delta_linear()).to(self.base_layer.weight.dtype)
+        """s * ΔW in the layout and dtype of the base weight (computed in the factors' precision)."""
+        return self._layout(self.delta_linear()).to(self.frozen.dtype)
 
     def _scaled_product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (b * self.scale) @ a
@@ -202,7 +200,7 @@ class AdapterLayer(nn.Module):
         """The frozen layer's output; with `weight_noise` set, that of W + ε, computed from a temporary W + ε so
         that the stored weight is never written (see `lorakit.procedures.flat`)."""
         if self.weight_noise is None:
-            return self.base_layer(x)
+            return self.frozen.output(x)
         weight = self.weight_noise.perturbed(self.base_weight_linear())
         return torch.nn.functional.linear(x, weight, self.base_layer.bias)
 
@@ -232,6 +230,11 @@ class AdapterLayer(nn.Module):
         """
         if self.merged:
             raise ConfigError(f"{self.name} is already merged; call lorakit.unmerge(model) before merging again")
+        if not self.frozen.can_merge:
+            raise ConfigError(
+                f"{self.name} has a {self.frozen.quantization} quantized base, which lorakit does not merge into in "
+                "place (that would re-quantize it); run `lorakit merge` to write a full-precision merged model"
+            )
         weight = self.base_layer.weight
         merged = weight.to(self.factor_dtype) + self._layout(self.total_delta_linear())
         if not torch.isfinite(merged).all():

@@ -41,9 +41,10 @@ from torch import nn
 
 from . import __version__
 from .atomic import prepare_directory, replace_file, write_bytes, write_json
+from .base_layers import frozen_base
 from .config import AdapterConfig
 from .errors import AdapterFileError, BaseModelMismatchError, ConfigError
-from .fingerprint import DIFFERENT, SAME_OTHER_DTYPE, Fingerprint, tolerance
+from .fingerprint import DIFFERENT, SAME_OTHER_DTYPE, Fingerprint, frozen_fingerprint, is_quantized, tolerance
 from .inject import (
     SHARED,
     _require_adapted,
@@ -325,19 +326,19 @@ def check_base(
                 f"base module {name} is {shape[0]} -> {shape[1]} but the adapter expects {info['in']} -> {info['out']}; "
                 "load the adapter onto the base model it was trained on"
             )
-        current[name] = Fingerprint.of(module.weight)
+        current[name] = frozen_fingerprint(frozen_base(module))
         saved = info["base_fingerprint"]
         if isinstance(saved, str):  # format version 1: an exact digest only
             verdict = "same" if saved == current[name].digest else DIFFERENT
             saved_dtype = info.get("base_dtype", current[name].dtype)
         else:
             saved_fingerprint = Fingerprint.from_json(saved)
-            verdict, _ = saved_fingerprint.compare(current[name])
+            verdict, difference = saved_fingerprint.compare(current[name])
             saved_dtype = saved_fingerprint.dtype
         if verdict == DIFFERENT:
             different.append(name)
         elif verdict == SAME_OTHER_DTYPE:
-            other_dtype.append((saved_dtype, current[name].dtype))
+            other_dtype.append((saved_dtype, current[name].dtype, difference))
     if different:
         name = different[0]
         qr = config.method == "mini" and config.mini_outer == "qr"
@@ -357,8 +358,18 @@ def check_base(
             ),
             stacklevel=3,
         )
-    if other_dtype:
-        saved_dtype, now_dtype = other_dtype[0]
+    quantized = [entry for entry in other_dtype if is_quantized(entry[0]) or is_quantized(entry[1])]
+    if quantized:
+        saved_dtype, now_dtype, _ = quantized[0]
+        largest = max(entry[2] for entry in quantized)
+        warnings.warn(
+            f"the adapter was trained on a {saved_dtype} base and this base is {now_dtype}: the same model, whose "
+            f"weights differ by the quantization (up to {largest:.1e} relative in the checked samples of "
+            f"{len(quantized)} modules); outputs differ from training by that quantization error",
+            stacklevel=3,
+        )
+    elif other_dtype:
+        saved_dtype, now_dtype, _ = other_dtype[0]
         warnings.warn(
             f"the adapter was trained on a {saved_dtype} base and this base is {now_dtype} (the same weights within "
             f"{tolerance(saved_dtype, now_dtype):.1e} relative): outputs differ from training by that rounding",

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from .. import random as lk_random
+from ..base_layers import frozen_base
 from ..errors import ConfigError
 from ..layer import AdapterLayer, SharedParameters, linear_shape
 from ..options import Option
@@ -185,8 +186,9 @@ class LortaLayer(AdapterLayer):
                     f"{expected[matrix][1]}; {TARGETS_HINT} on a Llama-family model"
                 )
         matrices = [m for m in MATRICES if any(m == seen_m for _, seen_m in seen)]
-        weight = model.get_submodule(names[0]).weight
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        frozen = frozen_base(model.get_submodule(names[0]))
+        weight_dtype, device = frozen.dtype, frozen.device
+        dtype = torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
         return LortaTensor(
             dims,
             layers=sorted({layer for layer, _ in seen}),
@@ -195,7 +197,7 @@ class LortaLayer(AdapterLayer):
             r=config.r,
             init_scale=config.option("init_scale"),
             seed=config.seed,
-            device=weight.device,
+            device=device,
             dtype=dtype,
         )
 

@@ -1,0 +1,104 @@
+"""Quantize a loaded base model's linear layers with bitsandbytes: `lorakit train --quantize {nf4,fp4,int8}`.
+
+transformers quantizes while loading (`BitsAndBytesConfig(load_in_4bit=True)`); lorakit also loads GGUF files and
+built-in models that arrive in full precision, so it quantizes after loading, the same way: every nn.Linear
+except the output head becomes a bitsandbytes `Linear4bit` (blocksize 64, double quantization of the absmax
+statistics, as QLoRA, Dettmers et al. 2023, arXiv 2305.14314) or `Linear8bitLt` (LLM.int8(), arXiv 2208.07339,
+int8 weights with row scales, outlier threshold 6.0). The embeddings, norms and head stay as they are (the head is
+usually tied to the embeddings). The result is the model transformers would load with the same config, and the
+adapters see it through `lorakit.base_layers`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+SCHEMES = ("nf4", "fp4", "int8")
+INSTALL_HINT = "pip install 'lorakit[quantization]' (bitsandbytes)"
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(f"--quantize needs bitsandbytes; {INSTALL_HINT}") from None
+    return bitsandbytes
+
+
+def quantize_model(model: nn.Module, scheme: str, *, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace the model's linear layers (output head excluded) by bitsandbytes layers, in place; returns it.
+
+    `compute_dtype` (4-bit only) is the dtype of the dequantized weight in the GEMM; default: the weight's dtype.
+    """
+    if scheme not in SCHEMES:
+        raise ConfigError(f"--quantize {scheme!r} is not a quantization; use one of {', '.join(SCHEMES)}")
+    bnb = _bitsandbytes()
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    names = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and module is not head and module.weight.is_floating_point()
+    ]
+    if not names:
+        raise ConfigError(
+            "--quantize: the model has no nn.Linear layers to quantize (bitsandbytes quantizes nn.Linear only, "
+            "not GPT-2's Conv1D); train without --quantize"
+        )
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _quantized_linear(bnb, getattr(parent, child), scheme, compute_dtype))
+    model.lorakit_quantization = scheme  # recorded in summary.json; not a parameter or buffer
+    return model
+
+
+def _quantized_linear(bnb, linear: nn.Linear, scheme: str, compute_dtype) -> nn.Module:
+    weight = linear.weight.detach()
+    bias = linear.bias
+    device = weight.device
+    if scheme == "int8":
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias is not None, has_fp16_weights=False, threshold=6.0
+        )
+        layer.weight = bnb.nn.Int8Params(weight.to("cpu").clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=bias is not None,
+            compute_dtype=compute_dtype or weight.dtype,
+            compress_statistics=True,
+            quant_type=scheme,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.to("cpu").clone(), requires_grad=False, compress_statistics=True, quant_type=scheme
+        )
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to("cpu").clone(), requires_grad=False)
+    return layer.to(device)  # bitsandbytes quantizes on the move to a device
+
+
+def model_quantization(model: nn.Module) -> dict:
+    """{"quantization": the base's scheme (None if unquantized), "base_bytes_per_parameter": the frozen base's stored
+    bytes over its parameter count, a quantized weight counted as in x out parameters (statistics included)}."""
+    from .base_layers import frozen_base
+
+    schemes, stored, count = set(), 0.0, 0
+    for module in model.modules():
+        frozen = frozen_base(module)
+        own = [p for p in module.parameters(recurse=False) if not p.requires_grad]
+        if frozen is not None and frozen.quantization is not None:
+            schemes.add(frozen.quantization)
+            elements = frozen.in_features * frozen.out_features
+            stored += frozen.bytes_per_parameter() * elements
+            count += elements
+            own = [p for p in own if p is not module.weight]
+        stored += sum(p.numel() * p.element_size() for p in own)
+        count += sum(p.numel() for p in own)
+    return {
+        "quantization": ",".join(sorted(schemes)) or None,
+        "base_bytes_per_parameter": round(stored / count, 4) if count else None,
+    }
