@@ -120,10 +120,32 @@ class TransposedConv1D(FrozenBase):
         return self.module.weight.T
 
 
+class DequantizingLinear(torch.autograd.Function):
+    """y = x·Ŵᵀ + b with Ŵ the dequantized frozen weight, made again in backward instead of kept: autograd saves
+    nothing of this product but a reference to the 4-bit layer (the input's gradient needs only Ŵ)."""
+
+    @staticmethod
+    def forward(ctx, x, frozen, bias):
+        ctx.frozen, ctx.input_dtype = frozen, x.dtype
+        weight = frozen.dense_weight()
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight = ctx.frozen.dense_weight()
+        return (grad_output.to(weight.dtype) @ weight).to(ctx.input_dtype), None, None
+
+
 class Bitsandbytes4bit(FrozenBase):
     """bitsandbytes `Linear4bit` (nf4 or fp4, with or without double quantization), as transformers creates it
-    with `BitsAndBytesConfig(load_in_4bit=True)`. Its output is the layer's own (dequantize, then a GEMM in the
-    compute dtype), so the numerics are those of PEFT and bitsandbytes."""
+    with `BitsAndBytesConfig(load_in_4bit=True)`.
+
+    Its output is computed here, not by the layer: dequantize, then one GEMM in the compute dtype (what
+    bitsandbytes' training path does), through `DequantizingLinear`, which keeps no dequantized weight for backward.
+    The layer's own forward is not called because on a CPU with AVX512-BF16, bitsandbytes 0.50 repacks the weight
+    at the first forward in eval mode without gradients (absmax rounded to bf16, a bf16 kernel): the same layer
+    then gives other outputs in eval than in training (5e-3 on the test model's logits). Here it is one
+    computation in both modes, equal to the layer's training-mode output (tested against PEFT)."""
 
     can_merge = False
 
@@ -148,10 +170,18 @@ class Bitsandbytes4bit(FrozenBase):
             absmax += state.state2.absmax.numel() * state.state2.absmax.element_size()
         return (packed + absmax) / (self.in_features * self.out_features)
 
+    def output(self, x):
+        bias = self.module.bias
+        return DequantizingLinear.apply(x, self, None if bias is None else bias.to(self.dtype))
+
     def fingerprint_weight(self):
         import bitsandbytes.functional as bnb_functional
 
         weight = self.module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):  # repacked by an eval forward (above)
+            weight.data, weight.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
         return bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
 
     def dense_weight(self):

@@ -127,6 +127,22 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
             action="store_true",
             help="shard base and adapter over the processes with PyTorch FSDP2; launch with torchrun --nproc_per_node N",
         )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=("nf4", "fp4", "int8"),
+        help="quantize the base's linear layers with bitsandbytes (QLoRA: nf4); the adapters train on top",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each block's activations in backward: less memory, one more forward pass per step",
+    )
+    p.add_argument(
+        "--full-logits",
+        action="store_true",
+        help="keep the whole logits for backward (default: a fused loss that keeps only their gradient)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if not compare:
         p.add_argument("--seed", type=int, default=d.seed, help="seed of data order and adapter init")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,18 +41,35 @@ def _load_adapted(args):
     from .models import load_model
     from .persist import load_adapter, read_adapter
 
+    scheme = None
     if args.adapter:
-        read_adapter(args.adapter)  # validate the adapter before the (slow) model load
+        metadata, _, _ = read_adapter(args.adapter)  # validate the adapter before the (slow) model load
+        scheme = adapter_quantization(metadata)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     if args.adapter:
         if Path(args.model, MERGED_MARKER).is_file():
             raise ConfigError(f"model {args.model} is already merged with an adapter; use the original base model")
+        if scheme is not None:  # rebuild the base the adapter was trained on (lorakit train --quantize)
+            from .quantize import quantize_model
+
+            quantize_model(model, scheme)
+            print(f"lorakit: the adapter was trained on a {scheme} base; quantized {args.model} the same way",
+                  file=sys.stderr)
         model = load_adapter(model, args.adapter, strict=getattr(args, "strict", True))
     import torch
 
     if torch.cuda.is_available():  # eval / generate on the GPU when there is one
         model = model.to("cuda")
     return model, tokenizer
+
+
+def adapter_quantization(metadata: dict) -> str | None:
+    """The bitsandbytes scheme ("nf4", "fp4", "int8") of the base an adapter was trained on, or None."""
+    from .quantize import SCHEMES
+
+    dtypes = {info.get("base_dtype") for info in metadata["modules"].values()}
+    schemes = sorted(d for d in dtypes if d in SCHEMES)
+    return schemes[0] if len(schemes) == 1 else None
 
 
 def run_eval(args) -> int:
@@ -110,12 +128,13 @@ def _staging_dir(out: Path) -> Path:
 def run_merge(args) -> int:
     from .inject import merge_and_unload
     from .persist import read_adapter
+    from .quantize import dequantize_model
 
     out = Path(args.out)
     _check_new_output(out)
     model, tokenizer = _load_adapted(args)
     metadata, _, _ = read_adapter(args.adapter)
-    merged = merge_and_unload(model)
+    merged = dequantize_model(merge_and_unload(model))  # a quantized base: full precision, never re-quantized
     tmp = _staging_dir(out)
     try:
         merged.save_pretrained(tmp)
@@ -132,7 +151,9 @@ def run_merge(args) -> int:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise LorakitError(f"could not write the merged model to {out}: {exc.strerror or exc}") from None
-    print(f"merged model written to {out} (load it with transformers' from_pretrained)")
+    scheme = adapter_quantization(metadata)
+    where = f" in full precision, onto the dequantized {scheme} weights the adapter was trained on" if scheme else ""
+    print(f"merged model written to {out}{where} (load it with transformers' from_pretrained)")
     return 0
 
 

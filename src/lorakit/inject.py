@@ -225,12 +225,19 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the base weights and remove them: a plain model that computes the adapted one."""
+    """Fold the adapters into the base weights and remove them: a plain model that computes the adapted one.
+
+    A quantized base layer (4-bit, 8-bit) becomes a full-precision nn.Linear holding its dequantized weight plus
+    s·ΔW: lorakit never re-quantizes a merged weight (that would add a rounding the adapter never saw)."""
     layers = _require_adapted(model)
-    if not all(layer.merged for _, layer in layers):
-        merge(model)
+    dense = {name: layer.dense_merged() for name, layer in layers if not layer.frozen.can_merge}
+    if not dense and not all(layer.merged for _, layer in layers):
+        merge(model)  # all or nothing
     for name, layer in layers:
-        _set_module(model, name, layer.base_layer)
+        if name not in dense and not layer.merged:
+            layer.merge()
+    for name, layer in layers:
+        _set_module(model, name, dense.get(name, layer.base_layer))
     _remove_shared(model)
     return model
 

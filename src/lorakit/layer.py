@@ -243,6 +243,22 @@ class AdapterLayer(nn.Module):
         self.merged = True
 
     @torch.no_grad()
+    def dense_merged(self) -> nn.Linear:
+        """A new full-precision nn.Linear computing this adapted layer: dequantized W + s·ΔW (+ frozen links),
+        in the base's compute dtype. For a quantized base, whose stored weight lorakit never re-quantizes."""
+        weight = self.frozen.dense_weight().to(self.factor_dtype) + self.total_delta_linear()
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{self.name}: merging would produce non-finite weights; the model was left unmerged")
+        bias = self.frozen.bias
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+                           dtype=self.frozen.dtype)
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+        linear.requires_grad_(False)
+        return linear
+
+    @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise ConfigError(f"{self.name} is not merged; nothing to unmerge")

@@ -81,6 +81,28 @@ def _quantized_linear(bnb, linear: nn.Linear, scheme: str, compute_dtype) -> nn.
     return layer.to(device)  # bitsandbytes quantizes on the move to a device
 
 
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized linear layer by a full-precision nn.Linear holding its dequantized weight, in place."""
+    from .base_layers import frozen_base
+
+    for name, module in list(model.named_modules()):
+        frozen = frozen_base(module)
+        if frozen is None or frozen.quantization is None:
+            continue
+        dense = nn.Linear(frozen.in_features, frozen.out_features, bias=frozen.bias is not None,
+                          device=frozen.device, dtype=frozen.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(frozen.dense_weight())
+            if frozen.bias is not None:
+                dense.bias.copy_(frozen.bias)
+        dense.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    if hasattr(model, "lorakit_quantization"):
+        del model.lorakit_quantization
+    return model
+
+
 def model_quantization(model: nn.Module) -> dict:
     """{"quantization": the base's scheme (None if unquantized), "base_bytes_per_parameter": the frozen base's stored
     bytes over its parameter count, a quantized weight counted as in x out parameters (statistics included)}."""

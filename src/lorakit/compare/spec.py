@@ -31,6 +31,8 @@ OPTIONS = {
     "targets": ("targets", lambda v: v.replace("/", ",")),  # lorta:targets=q_proj/k_proj/v_proj/o_proj
     "procedure": ("procedure", lambda v: v.replace("/", ":", 1).replace("/", ",")),  # procedure=flat/rho=0.1
     "optimizer": ("optimizer", str),
+    "quantize": ("quantize", str),  # mini:quantize=nf4
+    "checkpointing": ("gradient_checkpointing", lambda v: v.lower() in ("1", "true", "yes")),
 }
 
 

@@ -56,13 +56,3 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(example["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the labelled tokens of a batch (float32)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = logits[:, :-1].float()
-    targets = batch["labels"][:, 1:].to(shifted.device)
-    return torch.nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )

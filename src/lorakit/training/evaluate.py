@@ -7,7 +7,8 @@ import math
 import torch
 
 from ..data.formats import IGNORE
-from .batches import collate, token_loss_sum
+from .batches import collate
+from .loss import token_loss_sum
 
 
 @torch.no_grad()

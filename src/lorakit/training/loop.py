@@ -26,11 +26,13 @@ from ..inject import adapt, adapter_layers, trainable_parameters
 from ..models import load_model
 from ..persist import load_adapter, save_adapter
 from ..procedures.base import TrainingState
+from ..quantize import model_quantization, quantize_model
 from . import rng as train_rng
-from .batches import collate, global_batch, micro_batch, token_loss_sum, trained_tokens
+from .batches import collate, global_batch, micro_batch, trained_tokens
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from .distributed import local_base_elements, make_runtime
 from .evaluate import evaluate_loss
+from .loss import token_loss_sum
 from .rng import seed_process
 from .run_config import TrainConfig, flags_in_message
 
@@ -140,6 +142,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     for source in filter(None, (cfg.data, cfg.eval_data)):
         read_records(source)  # fail fast on a missing or broken file, before the model loads
     base, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.quantize:
+        quantize_model(base, cfg.quantize)  # before the adapters: they read the quantized weights
     examples, data_format = load_examples(cfg.data, tokenizer, cfg.max_length)
     eval_source = cfg.eval_data or default_eval_source(cfg.data)  # a built-in dataset's own eval split
     eval_examples = None
@@ -164,9 +168,12 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             factor_pairs(model)  # refuses methods without an (A, B) pair per layer
     except ConfigError as exc:
         raise ConfigError(flags_in_message(str(exc))) from None
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
         layer.base_fingerprint  # noqa: B018 - make sure it is taken from the full weight, before sharding
+    base_memory = model_quantization(model)  # {"quantization", "base_bytes_per_parameter"}, before sharding
     trainable = sum(p.numel() for p in trainable_parameters(model))  # shared tensors (LoRTA) included, once
     base_parameters = sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
@@ -236,7 +243,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
                 chosen = micro_batch(indices, k, rank, cfg.batch_size, world)
                 batch = {key: v.to(device) for key, v in collate([examples[i] for i in chosen], pad_id).items()}
                 with runtime.gradient_sync(model, k == cfg.grad_accum - 1), runtime.autocast():
-                    loss = token_loss_sum(model, batch)
+                    loss = token_loss_sum(model, batch, full_logits=cfg.full_logits)
                     # DDP and FSDP average gradients over processes: scale by `world` so the result is the global mean
                     runtime.backward(loss * (world / max(global_tokens, 1)))
                 loss_sum += loss.detach().double()
@@ -313,12 +320,26 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             "procedure_report": procedure.report() if procedure is not None else None,
             "optimizer": cfg.optimizer,
             "precision": runtime.precision_details,
+            **base_memory,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
             "base_parameters": base_parameters,
             "base_parameters_per_process": local_base,
         }
         write_json(out / "summary.json", summary)
     runtime.wait_for_everyone()
     return summary
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' non-reentrant activation checkpointing of every decoder block: each block keeps its input
+    only and recomputes its activations in backward (with the RNG state of the forward, so dropout masks repeat)."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing; "
+            "train without it"
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _make_optimizer(cfg: TrainConfig, model):

@@ -60,6 +60,9 @@ class TrainConfig:
     report_to: str = "none"
     precision: str = "no"
     fsdp: bool = False
+    quantize: str | None = None  # quantize the loaded base with bitsandbytes: nf4, fp4 or int8 (lorakit.quantize)
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward (transformers, non-reentrant)
+    full_logits: bool = False  # keep the whole logits for backward instead of the fused loss (training/loss.py)
     trust_remote_code: bool = False
     quiet: bool = False
 
@@ -99,6 +102,16 @@ class TrainConfig:
                 raise ConfigError(f"--procedure {name} does not support --fsdp yet; train it without --fsdp")
         if self.fsdp and self.optimizer != "adamw":
             raise ConfigError(f"--optimizer {self.optimizer} does not support --fsdp yet; use --optimizer adamw")
+        if self.quantize is not None:
+            from ..quantize import SCHEMES
+
+            if self.quantize not in SCHEMES:
+                raise ConfigError(f"--quantize {self.quantize!r} is unknown; use one of: {', '.join(SCHEMES)}")
+            if self.fsdp:
+                raise ConfigError(
+                    "--quantize does not work with --fsdp in lorakit (FSDP2 cannot shard bitsandbytes' packed "
+                    "weights); drop --fsdp (DDP via torchrun works) or --quantize"
+                )
         if self.fsdp and self.precision == "fp16":
             raise ConfigError("--precision fp16 is not supported with --fsdp; use --precision bf16")
         self.adapter_config()
