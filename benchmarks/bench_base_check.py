@@ -4,8 +4,8 @@ For SmolLM2-135M (the built-in model) and each bitsandbytes scheme:
 - the largest relative difference the check measures between a full-precision weight and its quantized copy
   (this bounds `lorakit.fingerprint.QUANTIZATION_ERROR`);
 - the detection limit: the smallest relative change δ of ONE module (W + δ·‖W‖·N/‖N‖, N Gaussian) that the check
-  still refuses, for the three pairs (trained on, loaded on): (quantized, quantized), (float32, quantized),
-  (quantized, float32). Smaller changes pass as "the same model"; the grid is 0.5% steps.
+  still refuses (grid: 0.1% steps to 1%, then 0.5% steps), for the three pairs (trained on, loaded on): (quantized, quantized), (float32, quantized),
+  (quantized, float32). Smaller changes pass as "the same model".
 
 python benchmarks/bench_base_check.py  (about 1 minute on 2 cores); prints a table and writes
 benchmarks/results-base-check.json.
@@ -24,10 +24,13 @@ import torch
 from lorakit.base_layers import frozen_base
 from lorakit.fingerprint import DIFFERENT, Fingerprint, frozen_fingerprint
 from lorakit.models import load_model
+from lorakit.persist import _same_once_quantized
 from lorakit.quantize import quantize_model
 
 MODULE = "model.layers.10.mlp.down_proj"
-GRID = [round(0.005 * k, 3) for k in range(1, 201)]
+GRID = [round(0.001 * k, 3) for k in range(1, 10)] + [round(0.005 * k, 3) for k in range(2, 201)]
+SETTINGS = {"nf4": {"scheme": "nf4", "blocksize": 64, "double_quant": True},
+            "fp4": {"scheme": "fp4", "blocksize": 64, "double_quant": True}, "int8": {"scheme": "int8"}}
 
 
 def quantized_fingerprint(weight: torch.Tensor, scheme: str) -> Fingerprint:
@@ -42,13 +45,21 @@ def perturbed(weight: torch.Tensor, delta: float) -> torch.Tensor:
     return weight + delta * weight.norm() * noise / noise.norm()
 
 
-def detection_limit(weight: torch.Tensor, scheme: str, saved_kind: str, current_kind: str) -> float | None:
-    def fingerprint(w, kind):
-        return Fingerprint.of(w) if kind == "float32" else quantized_fingerprint(w, scheme)
+def verdict(saved: Fingerprint, weight: torch.Tensor, scheme: str, saved_kind: str, current_kind: str) -> str:
+    """What `lorakit.persist.check_base` decides for one module."""
+    if current_kind == "float32":
+        current = Fingerprint.of(weight)
+        first, _ = saved.compare(current)
+        if saved_kind != "float32":  # trained quantized, loaded full precision: quantized the same way first
+            return _same_once_quantized(saved, weight, SETTINGS[scheme], first)
+        return first
+    return saved.compare(quantized_fingerprint(weight, scheme))[0]
 
-    saved = fingerprint(weight, saved_kind)
+
+def detection_limit(weight: torch.Tensor, scheme: str, saved_kind: str, current_kind: str) -> float | None:
+    saved = Fingerprint.of(weight) if saved_kind == "float32" else quantized_fingerprint(weight, scheme)
     for delta in GRID:
-        if saved.compare(fingerprint(perturbed(weight, delta), current_kind))[0] == DIFFERENT:
+        if verdict(saved, perturbed(weight, delta), scheme, saved_kind, current_kind) == DIFFERENT:
             return delta
     return None
 

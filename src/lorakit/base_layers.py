@@ -81,6 +81,10 @@ class FrozenBase:
         """The weight the base check fingerprints: the dequantized weight in the precision it was quantized from."""
         return self.dense_weight()
 
+    def quantization_settings(self) -> dict | None:
+        """What `lorakit.quantize.quantized_copy` needs to quantize a full-precision weight the same way, or None."""
+        return None
+
 
 class DenseLinear(FrozenBase):
     """nn.Linear (and subclasses that keep its forward) with a floating weight, out x in."""
@@ -170,6 +174,10 @@ class Bitsandbytes4bit(FrozenBase):
             absmax += state.state2.absmax.numel() * state.state2.absmax.element_size()
         return (packed + absmax) / (self.in_features * self.out_features)
 
+    def quantization_settings(self):
+        state = self.module.weight.quant_state
+        return {"scheme": self.quantization, "blocksize": int(state.blocksize), "double_quant": bool(state.nested)}
+
     def output(self, x):
         bias = self.module.bias
         return DequantizingLinear.apply(x, self, None if bias is None else bias.to(self.dtype))
@@ -194,6 +202,9 @@ class Bitsandbytes8bit(FrozenBase):
 
     quantization = "int8"
     can_merge = False
+
+    def quantization_settings(self):
+        return {"scheme": "int8"}
 
     @classmethod
     def matches(cls, module):

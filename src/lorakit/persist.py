@@ -92,6 +92,9 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
             "base_fingerprint": layer.base_fingerprint.to_json(),
             "tensors": {key: list(value.shape) for key, value in stored.items()},
         }
+        settings = layer.frozen.quantization_settings()
+        if settings is not None:  # how to quantize a full-precision base the same way (see `check_base`)
+            modules[name]["base_quantization"] = settings
         if (layer.config.r, layer.config.alpha) != (config.r, config.alpha):
             modules[name].update(r=layer.config.r, alpha=layer.config.alpha)
     shared, shared_info = shared_parameters(model) if own else None, None
@@ -326,7 +329,8 @@ def check_base(
                 f"base module {name} is {shape[0]} -> {shape[1]} but the adapter expects {info['in']} -> {info['out']}; "
                 "load the adapter onto the base model it was trained on"
             )
-        current[name] = frozen_fingerprint(frozen_base(module))
+        frozen = frozen_base(module)
+        current[name] = frozen_fingerprint(frozen)
         saved = info["base_fingerprint"]
         if isinstance(saved, str):  # format version 1: an exact digest only
             verdict = "same" if saved == current[name].digest else DIFFERENT
@@ -335,6 +339,11 @@ def check_base(
             saved_fingerprint = Fingerprint.from_json(saved)
             verdict, difference = saved_fingerprint.compare(current[name])
             saved_dtype = saved_fingerprint.dtype
+            settings = info.get("base_quantization")
+            if settings and frozen.quantization is None and isinstance(settings, dict):
+                # trained on a quantized base, loaded on a full-precision one: quantize this weight the same way;
+                # the same base gives the same quantized weight (exact digest), any other is refused
+                verdict = _same_once_quantized(saved_fingerprint, frozen.dense_weight(), settings, verdict)
         if verdict == DIFFERENT:
             different.append(name)
         elif verdict == SAME_OTHER_DTYPE:
@@ -376,6 +385,22 @@ def check_base(
             stacklevel=3,
         )
     return current
+
+
+# The same weights quantized here and where the adapter was trained (another device, another bitsandbytes build) may
+# round a rare element to the neighbouring code: 1% of the sampled norm allows a few such flips, nothing more.
+REQUANTIZED_TOLERANCE = 0.01
+
+
+def _same_once_quantized(saved: Fingerprint, weight, settings: dict, verdict: str) -> str:
+    from .quantize import quantized_copy
+
+    try:
+        requantized = Fingerprint.of(quantized_copy(weight, settings), dtype=saved.dtype)
+    except (ImportError, KeyError, ValueError, RuntimeError, ConfigError):  # no bitsandbytes, unknown settings
+        return verdict
+    _, difference = saved.compare(requantized)  # 0.0 for the same bits
+    return SAME_OTHER_DTYPE if difference <= REQUANTIZED_TOLERANCE else DIFFERENT
 
 
 def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Module:

@@ -55,6 +55,22 @@ def quantize_model(model: nn.Module, scheme: str, *, compute_dtype: torch.dtype 
     return model
 
 
+def quantized_copy(weight: torch.Tensor, settings: dict) -> torch.Tensor:
+    """The dequantized weight a bitsandbytes layer with `settings` (`FrozenBase.quantization_settings`) would hold
+    for this full-precision weight (out x in): how the base check recognises the base a quantized adapter came from."""
+    _bitsandbytes()
+    import bitsandbytes.functional as bnb_functional
+
+    data = weight.detach().to("cpu").contiguous()
+    if settings["scheme"] == "int8":  # as Int8Params quantizes: from float16, row-wise absmax
+        codes, scales, _ = bnb_functional.int8_vectorwise_quant(data.to(torch.float16))
+        return codes.to(torch.float32) * (scales.to(torch.float32)[:, None] / 127.0)
+    packed, state = bnb_functional.quantize_4bit(
+        data, blocksize=settings["blocksize"], compress_statistics=settings["double_quant"], quant_type=settings["scheme"]
+    )
+    return bnb_functional.dequantize_4bit(packed, state)
+
+
 def _quantized_linear(bnb, linear: nn.Linear, scheme: str, compute_dtype) -> nn.Module:
     weight = linear.weight.detach()
     bias = linear.bias

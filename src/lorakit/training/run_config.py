@@ -109,8 +109,8 @@ class TrainConfig:
                 raise ConfigError(f"--quantize {self.quantize!r} is unknown; use one of: {', '.join(SCHEMES)}")
             if self.fsdp:
                 raise ConfigError(
-                    "--quantize does not work with --fsdp in lorakit (FSDP2 cannot shard bitsandbytes' packed "
-                    "weights); drop --fsdp (DDP via torchrun works) or --quantize"
+                    "--quantize is not supported with --fsdp; drop --fsdp (torchrun without it runs DDP, which "
+                    "supports --quantize) or drop --quantize"
                 )
         if self.fsdp and self.precision == "fp16":
             raise ConfigError("--precision fp16 is not supported with --fsdp; use --precision bf16")
