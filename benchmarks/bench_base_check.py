@@ -24,7 +24,7 @@ import torch
 from lorakit.base_layers import frozen_base
 from lorakit.fingerprint import DIFFERENT, Fingerprint, frozen_fingerprint
 from lorakit.models import load_model
-from lorakit.persist import _same_once_quantized
+from lorakit.persist import REQUANTIZED_TOLERANCE, _same_once_quantized
 from lorakit.quantize import quantize_model
 
 MODULE = "model.layers.10.mlp.down_proj"
@@ -53,7 +53,10 @@ def verdict(saved: Fingerprint, weight: torch.Tensor, scheme: str, saved_kind: s
         if saved_kind != "float32":  # trained quantized, loaded full precision: quantized the same way first
             return _same_once_quantized(saved, weight, SETTINGS[scheme], first)
         return first
-    return saved.compare(quantized_fingerprint(weight, scheme))[0]
+    first, difference = saved.compare(quantized_fingerprint(weight, scheme))
+    if saved_kind != "float32":  # quantized the same way on both sides
+        return first if difference <= REQUANTIZED_TOLERANCE else DIFFERENT
+    return first
 
 
 def detection_limit(weight: torch.Tensor, scheme: str, saved_kind: str, current_kind: str) -> float | None:

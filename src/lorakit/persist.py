@@ -344,6 +344,10 @@ def check_base(
                 # trained on a quantized base, loaded on a full-precision one: quantize this weight the same way;
                 # the same base gives the same quantized weight (exact digest), any other is refused
                 verdict = _same_once_quantized(saved_fingerprint, frozen.dense_weight(), settings, verdict)
+            elif settings and settings == frozen.quantization_settings() and verdict != DIFFERENT:
+                # quantized the same way on both sides: the same base gives the same codes, so only the allowance
+                # for a rare rounding flip applies, not the quantization error of both
+                verdict = verdict if difference <= REQUANTIZED_TOLERANCE else DIFFERENT
         if verdict == DIFFERENT:
             different.append(name)
         elif verdict == SAME_OTHER_DTYPE:
