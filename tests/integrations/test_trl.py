@@ -125,3 +125,50 @@ def test_example_fine_tunes_smollm2_with_sft_trainer(tmp_path):
     for directory in (out / "checkpoint-1", out / "checkpoint-2", out / "adapter"):
         assert_no_base_stored(directory, base)
     lorakit.load_adapter(base, out / "adapter")  # strict: the original SmolLM2 base
+
+
+def qlora_model(model_dir):
+    """The QLoRA recipe as users write it: transformers loads the base in 4 bits, lorakit adapts it."""
+    from transformers import AutoTokenizer
+
+    return lorakit.adapt(_fresh_4bit(model_dir), make_config("lora")), AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_qlora_recipe_with_sft_trainer_and_gradient_checkpointing(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lorakit.base_layers import Bitsandbytes4bit
+
+    whole, tokenizer = qlora_model(tiny_model_dir)
+    layers = [m for m in whole.modules() if isinstance(m, lorakit.AdapterLayer)]
+    assert layers and all(isinstance(layer.frozen, Bitsandbytes4bit) for layer in layers)
+    packed = {layer.name: layer.base_layer.weight.data.clone() for layer in layers}
+    start = trained(whole)
+    trainer = sft(whole, tokenizer, tmp_path / "whole", gradient_checkpointing=True)
+    assert whole.is_gradient_checkpointing
+    assert max_diff(start, trained(whole)) > 0
+    assert all(torch.equal(packed[layer.name], layer.base_layer.weight.data) for layer in layers)
+    trainer.save_model(str(tmp_path / "final"))
+    assert json.loads((tmp_path / "final" / "adapter.json").read_text())["modules"][layers[0].name]["base_dtype"] == "nf4"
+    reloaded = lorakit.load_adapter(_fresh_4bit(tiny_model_dir), tmp_path / "final")  # silently: the same base
+    # TRL casts a quantized model's trainable parameters to bf16 (the QLoRA paper's recommendation); lorakit loads
+    # adapters in float32: the same values, so the same model once the trained one is back in float32
+    assert {p.dtype for p in whole.parameters() if p.requires_grad} == {torch.bfloat16}
+    for p in whole.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    assert torch.equal(text_logits(reloaded, tokenizer), text_logits(whole, tokenizer))
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-4")
+    resumed, _ = qlora_model(tiny_model_dir)
+    sft(resumed, tokenizer, tmp_path / "cut", resume=True, gradient_checkpointing=True)
+    assert max_diff(trained(whole), trained(resumed)) == 0.0
+
+
+def _fresh_4bit(model_dir):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, device_map="cpu")

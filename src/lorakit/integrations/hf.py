@@ -69,6 +69,10 @@ def install_trainer_hooks(model: nn.Module) -> nn.Module:
     )
     if callable(getattr(type(model), "save_pretrained", None)):
         object.__setattr__(model, "save_pretrained", _SavePretrained(model))
+    if getattr(model, "is_quantized", False):
+        # transformers' Trainer refuses a quantized model without adapters ("purely quantized"); this is its own
+        # marker that adapters are attached (it also makes gradient checkpointing give the inputs a gradient)
+        model._hf_peft_config_loaded = True
     object.__setattr__(model, _HANDLES, handles)
     return model
 
@@ -83,6 +87,7 @@ def remove_trainer_hooks(model: nn.Module) -> nn.Module:
         handle.remove()
     model.__dict__.pop("save_pretrained", None)
     model.__dict__.pop(_PROCEDURE, None)
+    model.__dict__.pop("_hf_peft_config_loaded", None)
     return model
 
 
