@@ -14,7 +14,8 @@ statistics, float32 embeddings and norms) + the adapter with its gradient and tw
 block's saved activations at this batch (measured with saved-tensor hooks). Ratio: peak / floor.
 
 python benchmarks/bench_memory.py [smollm2|1b|all] [STEPS]   (default: all, 3 steps on SmolLM2 and 1 on the 1B model)
-Writes benchmarks/results-memory.json and prints a table.
+Writes benchmarks/results-memory.json and prints a table. Children run with glibc's trim threshold at 0 (see
+ALLOCATORS); SmolLM2's rows are also measured under glibc's defaults.
 """
 
 from __future__ import annotations
@@ -177,8 +178,14 @@ def child(model_name: str, setting: str, tool: str, steps: int) -> dict:
             "floor_bytes": sum(floor_parts.values()), "device": str(device)}
 
 
-def run_child(model_name, setting, tool, steps) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+# glibc keeps freed heap memory for reuse and its high-water mark counts it: with its defaults, SmolLM2's nf4 step
+# peaked 1.2-1.7 GB above its live tensors (benchmarks/results-memory.json, "glibc-default"). "trim" returns freed
+# memory to the system at once (both tools alike), so the peak measures the tensors, not the allocator's history.
+ALLOCATORS = {"trim": {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}, "glibc-default": {}}
+
+
+def run_child(model_name, setting, tool, steps, allocator="trim") -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **ALLOCATORS[allocator])
     proc = subprocess.run([sys.executable, __file__, "--child", model_name, setting, tool, str(steps)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -206,7 +213,12 @@ def main(which: str, steps: int | None) -> None:
                 rows[f"{setting}/{tool}"] = run_child(model_name, setting, tool, n)
                 print(model_name, setting, tool, {k: v for k, v in rows[f"{setting}/{tool}"].items()
                                                   if k != "floor_parts"}, flush=True)
-        results[model_name] = {"steps": n, "rows": rows}
+        default = {}
+        if model_name == "smollm2":  # the same rows under glibc's defaults, peaks only
+            for setting in SETTINGS:
+                for tool in TOOLS:
+                    default[f"{setting}/{tool}"] = run_child(model_name, setting, tool, n, "glibc-default")
+        results[model_name] = {"steps": n, "allocator": "trim", "rows": rows, "glibc-default": default}
         OUT.write_text(json.dumps(results, indent=2) + "\n")
         print(f"\n{model_name}: peak GiB (ratio to floor), step s")
         print("| setting | lorakit | PEFT + bitsandbytes | peak lorakit / PEFT | step lorakit / PEFT | floor |")
@@ -220,6 +232,10 @@ def main(which: str, steps: int | None) -> None:
                   f"{ours['step_s']:.2f} s | {gib(theirs['peak_bytes'])} ({theirs['peak_bytes'] / theirs['floor_bytes']:.2f}x), "
                   f"{theirs['step_s']:.2f} s | {ours['peak_bytes'] / theirs['peak_bytes']:.2f} | "
                   f"{ours['step_s'] / theirs['step_s']:.2f} | {gib(ours['floor_bytes'])} |")
+        if default:
+            print("glibc defaults, peak GiB lorakit / PEFT: " + ", ".join(
+                f"{setting} {gib(default[f'{setting}/lorakit'].get('peak_bytes', 0))} / "
+                f"{gib(default[f'{setting}/peft'].get('peak_bytes', 0))}" for setting in SETTINGS))
         fp32, nf4gc = rows["fp32/lorakit"], rows["nf4+checkpointing/lorakit"]
         if "error" not in fp32 and "error" not in nf4gc:
             print(f"nf4 + checkpointing / own fp32 peak: {nf4gc['peak_bytes'] / fp32['peak_bytes']:.2f}")

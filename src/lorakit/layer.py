@@ -186,9 +186,10 @@ class AdapterLayer(nn.Module):
     ) -> torch.Tensor:
         """out + scale·B·A·h in the factors' precision (scale defaults to s)."""
         scale = self.scale if scale is None else scale
-        if h.dtype != a.dtype:
-            h = h.to(a.dtype)
-        low = h @ a.T
+        if h.dtype != a.dtype and not torch.is_autocast_enabled(h.device.type):
+            low = UpcastProjection.apply(h, a)  # keeps h in its own dtype for backward, not a float32 copy
+        else:
+            low = h.to(a.dtype) @ a.T
         if out.dtype == b.dtype and out.is_contiguous():
             # one GEMM computes base + s·B·(A x): no separate update tensor and add. Out of place on purpose: an
             # in-place addmm_ into a view of `out` makes autograd copy the whole gradient (CopySlices), ~10% slower.
@@ -276,6 +277,26 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+
+
+class UpcastProjection(torch.autograd.Function):
+    """A·h in A's precision (float32 factors under a bf16 / fp16 base), saving h in ITS dtype for backward.
+
+    Autograd of `h.float() @ A.T` saves the float32 copy of h for A's gradient: twice the bytes of the bf16
+    activation, per adapted layer, alive until backward. Upcasting again in backward is exact, so this computes
+    the same values and gradients with half of that memory."""
+
+    @staticmethod
+    def forward(ctx, h, a):
+        ctx.save_for_backward(h, a)
+        return h.to(a.dtype) @ a.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, a = ctx.saved_tensors
+        grad_h = (grad @ a).to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = grad.reshape(-1, grad.shape[-1]).T @ h.reshape(-1, h.shape[-1]).to(a.dtype)
+        return grad_h, grad_a
 
 
 class SharedParameters(nn.Module):
