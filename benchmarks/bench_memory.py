@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 SETTINGS = {"fp32": {}, "nf4": {"quantize": "nf4"}, "nf4+checkpointing": {"quantize": "nf4", "checkpointing": True}}
+# lorakit only: the loss that keeps the whole logits (--full-logits), to price the fused loss in speed and memory
+EXTRA = {"fp32+full-logits": {"full_logits": True}}
 TOOLS = ("lorakit", "peft")
 BATCH, SEQ, RANK = 4, 256, 16
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -117,7 +119,7 @@ def child(model_name: str, setting: str, tool: str, steps: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runtime = rss_bytes()
-    options = SETTINGS[setting]
+    options = {**SETTINGS, **EXTRA}[setting]
     model = build_model(model_name)
     if options.get("quantize"):
         quantize_model(model, options["quantize"])
@@ -148,7 +150,7 @@ def child(model_name: str, setting: str, tool: str, steps: int) -> dict:
 
     def step():
         if tool == "lorakit":
-            loss = token_loss_sum(model, batch) / (BATCH * (SEQ - 1))
+            loss = token_loss_sum(model, batch, full_logits=options.get("full_logits", False)) / (BATCH * (SEQ - 1))
         else:
             loss = model(**batch).loss
         loss.backward()
@@ -213,6 +215,11 @@ def main(which: str, steps: int | None) -> None:
                 rows[f"{setting}/{tool}"] = run_child(model_name, setting, tool, n)
                 print(model_name, setting, tool, {k: v for k, v in rows[f"{setting}/{tool}"].items()
                                                   if k != "floor_parts"}, flush=True)
+        if model_name == "smollm2":
+            for setting in EXTRA:
+                rows[f"{setting}/lorakit"] = run_child(model_name, setting, "lorakit", n)
+                print(model_name, setting, "lorakit", {k: v for k, v in rows[f"{setting}/lorakit"].items()
+                                                       if k != "floor_parts"}, flush=True)
         default = {}
         if model_name == "smollm2":  # the same rows under glibc's defaults, peaks only
             for setting in SETTINGS:
@@ -232,6 +239,11 @@ def main(which: str, steps: int | None) -> None:
                   f"{ours['step_s']:.2f} s | {gib(theirs['peak_bytes'])} ({theirs['peak_bytes'] / theirs['floor_bytes']:.2f}x), "
                   f"{theirs['step_s']:.2f} s | {ours['peak_bytes'] / theirs['peak_bytes']:.2f} | "
                   f"{ours['step_s'] / theirs['step_s']:.2f} | {gib(ours['floor_bytes'])} |")
+        for setting in EXTRA:
+            if setting + "/lorakit" in rows and "error" not in rows[setting + "/lorakit"]:
+                row, fused = rows[setting + "/lorakit"], rows["fp32/lorakit"]
+                print(f"{setting}: {gib(row['peak_bytes'])} GiB, {row['step_s']:.2f} s; fused loss / full logits: "
+                      f"peak {fused['peak_bytes'] / row['peak_bytes']:.2f}, step {fused['step_s'] / row['step_s']:.2f}")
         if default:
             print("glibc defaults, peak GiB lorakit / PEFT: " + ", ".join(
                 f"{setting} {gib(default[f'{setting}/lorakit'].get('peak_bytes', 0))} / "
