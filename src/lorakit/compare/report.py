@@ -240,9 +240,11 @@ def markdown(results: dict) -> str:
         lines[1:1] = [
             "",
             f"**Partial report**: {total - waiting} of {total} runs have finished; the other {waiting} are pending "
-            "(this report was written with `--report-only` while the comparison was still running). Every figure "
-            "below comes from the finished runs only.",
+            "(this report was written with `--report-only` before they had run). Every figure below comes from the "
+            "finished runs only.",
         ]
+    if results.get("note"):  # --note: what a reader should know first (e.g. that some variants ran elsewhere)
+        lines[1:1] = ["", results["note"]]
     lines += _sweep_lines(results)
     lines += ["", "![loss](loss.png)", "", "![params](params.png)", "", "![pareto](pareto.png)", ""]
     lines += ["![loss against wall time](loss_vs_time.png)", ""]
