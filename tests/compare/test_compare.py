@@ -91,6 +91,15 @@ def test_report_and_plots(compared):
     report = (out / "report.md").read_text()
     assert "| lora | 0.01 |" in report and "±" in report and "| mini:lr=1e-1:a=8,b=8 | 0.1 |" in report
     assert "| lora |" in result.stdout
+    # training-loss convergence beside the eval loss (issue 28 item 21), from each run's per-step train loss
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_convergence"]["window"] == 10 and "Training-loss convergence" in report
+    for entry in results["methods"].values():
+        for run in entry["runs"].values():
+            losses = [loss for _, loss in run["train_curve"]]
+            assert run["train_loss_first"] == pytest.approx(statistics.fmean(losses[:10]))
+            assert run["train_loss_final"] == pytest.approx(statistics.fmean(losses[-10:]))
+        assert entry["mean"]["train_curve_area"] is not None
     for name in ("loss.png", "params.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] > 300

@@ -21,7 +21,7 @@ from ..atomic import prepare_directory, write_bytes, write_json
 from ..errors import ConfigError, LorakitError
 from ..training.run_config import TrainConfig, check_writable
 from .plots import plot_loss, plot_loss_vs_time, plot_params, plot_pareto
-from .report import markdown, status, summarise
+from .report import TRAIN_WINDOW, markdown, status, summarise, summarise_training
 from .reuse import ReusedResults
 from .runner import (
     EXACT_MATCH_FILE,
@@ -187,8 +187,10 @@ def run_compare_command(args) -> int:
                 print("lorakit compare: the last one to end writes the full report (or use --report-only)")
 
         methods, target = summarise(methods, args.target_loss)
+        train_target = summarise_training(methods)
         has_eval = all(r["eval_curve"] for m in methods.values() for r in m["runs"].values() if status(r) == "ok")
         results = {"setting": setting, "seeds": seeds, "has_eval": has_eval, "target_loss": target, "methods": methods}
+        results["train_convergence"] = {"window": TRAIN_WINDOW, "target_loss": train_target}
         if getattr(args, "note", None):
             results["note"] = args.note
         if swept:
