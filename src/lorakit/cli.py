@@ -232,6 +232,11 @@ def build_parser() -> Parser:
         "stand in for training them (when the run directories are gone); the rest is trained",
     )
     p.add_argument(
+        "--note",
+        default=None,
+        help="a paragraph printed at the top of report.md (and kept in results.json), e.g. where the missing runs are",
+    )
+    p.add_argument(
         "--demo",
         action="store_true",
         help="the built-in demo: default model and data, a budget for about 9 min on 2 CPU cores",

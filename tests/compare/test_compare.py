@@ -91,6 +91,15 @@ def test_report_and_plots(compared):
     report = (out / "report.md").read_text()
     assert "| lora | 0.01 |" in report and "±" in report and "| mini:lr=1e-1:a=8,b=8 | 0.1 |" in report
     assert "| lora |" in result.stdout
+    # training-loss convergence beside the eval loss (issue 28 item 21), from each run's per-step train loss
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_convergence"]["window"] == 10 and "Training-loss convergence" in report
+    for entry in results["methods"].values():
+        for run in entry["runs"].values():
+            losses = [loss for _, loss in run["train_curve"]]
+            assert run["train_loss_first"] == pytest.approx(statistics.fmean(losses[:10]))
+            assert run["train_loss_final"] == pytest.approx(statistics.fmean(losses[-10:]))
+        assert entry["mean"]["train_curve_area"] is not None
     for name in ("loss.png", "params.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] > 300
@@ -119,13 +128,17 @@ def test_report_only_rewrites_the_report_from_disk_and_trains_nothing(
     mini = parse_methods("lora,mini:lr=1e-1:a=8,b=8")[1]
     shutil.rmtree(out / "runs" / mini.slug / "seed-2")  # as if the comparison were still running
     (out / "report.md").unlink()
-    result = compare(tiny_model_dir, instruction_file, out, "--report-only")
+    note = "Seed 2 of mini ran in [another comparison](../other/report.md)."
+    result = compare(tiny_model_dir, instruction_file, out, "--report-only", "--note", note)
     assert result.returncode == 0, result.stderr
     assert not re.findall(r"^lorakit compare: .+ seed \d+", result.stdout, flags=re.MULTILINE)  # nothing trained
     assert not (out / "runs" / mini.slug / "seed-2").exists()
     report = (out / "report.md").read_text()
     assert "**Partial report**: 3 of 4 runs have finished; the other 1 are pending" in report
+    # --note: the first paragraph under the title, above the partial-report line, and kept in results.json
+    assert report.split("\n\n")[1] == note and report.index(note) < report.index("**Partial report**")
     results = json.loads((out / "results.json").read_text())
+    assert results["note"] == note
     assert results["methods"][mini.label]["runs"]["2"]["status"] == "pending"
     assert results["methods"][mini.label]["finished_runs"] == 1 and results["methods"]["lora"]["finished_runs"] == 2
 
@@ -212,6 +225,22 @@ def test_demo_fills_only_the_settings_not_given():
     _apply_demo(args)
     assert args.seeds == "1,2,3" and args.steps == 7
     assert args.methods == DEMO["methods"] and args.max_length == DEMO["max_length"]
+
+
+def test_demo_runs_each_method_at_the_rate_the_reproduction_chose():
+    """`make demo` gives each method the learning rate its sweep chose in the committed stdlib-docstrings
+    reproduction (issue 28 item 17: OLoRA ran at LoRA's 3e-4, 3x its swept 1e-4), and its report says so."""
+    from pathlib import Path
+
+    from lorakit.compare import DEMO
+
+    committed = Path(__file__).parents[2] / "docs" / "reproduction" / "stdlib-docstrings" / "results.json"
+    chosen = {label: entry["lr"] for label, entry in json.loads(committed.read_text())["methods"].items()}
+    demo = parse_methods(DEMO["methods"])
+    assert [spec.method for spec in demo] == ["lora", "olora", "mini"]
+    for spec in demo:
+        assert spec.overrides["lr"] == pytest.approx(chosen[spec.method], rel=1e-9), spec.label
+        assert f"{spec.overrides['lr']:g}" in DEMO["note"]
 
 
 # ---- runs that do not finish: failed (a crash or a user error in the child) and diverged (non-finite loss) ----
@@ -444,3 +473,19 @@ def test_two_compares_on_one_out_share_the_runs_and_train_each_once(tiny_model_d
     assert all(run["status"] == "ok" for m in results["methods"].values() for run in m["runs"].values())
     assert all(m["lr"] is not None and not m["lr_sweep_pending"] for m in results["methods"].values())
     assert "Partial report" not in (out / "report.md").read_text()
+
+
+def test_committed_stdlib_report_opens_with_where_its_pending_variants_ran():
+    """docs/reproduction/stdlib-docstrings/report.md: the first paragraph says that IncreLoRA and LoRA-RITE ran in
+    the float32 part and links it; it is the --note that run_claims.sh passes, so REPORT_ONLY=1 rewrites it."""
+    from pathlib import Path
+
+    reproduction = Path(__file__).parents[2] / "docs" / "reproduction"
+    first = (reproduction / "stdlib-docstrings" / "report.md").read_text().split("\n\n")[1]
+    assert "IncreLoRA and LoRA-RITE ran in float32" in first
+    link = re.search(r"\]\((\.\./stdlib-docstrings-float32/report\.md)\)", first)
+    assert link and (reproduction / "stdlib-docstrings" / link.group(1)).is_file()
+    script = (reproduction / "run_claims.sh").read_text()
+    note = "".join(re.findall(r'^STDLIB_NOTE\+?="(.*)"$', script, flags=re.M))
+    assert note == first and '--note "$STDLIB_NOTE"' in script
+    assert json.loads((reproduction / "stdlib-docstrings" / "results.json").read_text())["note"] == note

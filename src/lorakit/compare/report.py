@@ -35,11 +35,67 @@ def steps_to_target(outcome: dict, target: float) -> int | None:
 
 
 def _smoothed(curve: list[list[float]], window: int = 5) -> list[list[float]]:
+    """Trailing moving average: at the i-th point, the mean of the losses of points max(0, i-window+1) .. i."""
     out = []
     for i, (step, _) in enumerate(curve):
         chunk = [loss for _, loss in curve[max(0, i - window + 1) : i + 1]]
         out.append([step, sum(chunk) / len(chunk)])
     return out
+
+
+# Training-loss convergence (issue 28 item 21: OLoRA claims faster *training* convergence; eval loss alone cannot
+# judge that). Every run's per-step train loss (log.jsonl, kept in results.json as train_curve) is smoothed by a
+# trailing moving average of TRAIN_WINDOW logged steps (fewer at the start); then per run:
+# - train_loss_first: the mean raw train loss over its first TRAIN_WINDOW logged steps (how fast it starts);
+# - train_loss_final: the last smoothed value, i.e. the mean raw train loss over its last TRAIN_WINDOW steps;
+# - train_curve_area: the area under the smoothed curve (trapezoidal rule over the logged steps) divided by the steps
+#   it spans, i.e. the curve's mean height in loss units: lower is a training loss that is lower over the whole run;
+# - train_steps_to_target: the first logged step whose smoothed loss is <= the train target, which is the worst
+#   method's mean train_loss_final (the level every method reaches on average by the end, as for the eval target).
+# Every method sees the same batches in the same order for a seed, so these compare like with like.
+TRAIN_WINDOW = 10
+TRAIN_FIELDS = ("train_loss_first", "train_loss_final", "train_curve_area", "train_steps_to_target")
+
+
+def train_convergence(curve: list[list[float]], window: int = TRAIN_WINDOW) -> dict:
+    """train_loss_first, train_loss_final and train_curve_area of one run's train curve (None where it is empty)."""
+    if not curve:
+        return {"train_loss_first": None, "train_loss_final": None, "train_curve_area": None}
+    smooth = _smoothed(curve, window)
+    first = [loss for _, loss in curve[:window]]
+    span = smooth[-1][0] - smooth[0][0]
+    area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(smooth, smooth[1:]))
+    return {
+        "train_loss_first": sum(first) / len(first),
+        "train_loss_final": smooth[-1][1],
+        "train_curve_area": area / span if span > 0 else smooth[0][1],
+    }
+
+
+def train_steps_to_target(curve: list[list[float]], target: float, window: int = TRAIN_WINDOW) -> int | None:
+    return next((step for step, loss in _smoothed(curve, window) if loss <= target), None)
+
+
+def summarise_training(methods: dict, target: float | None = None) -> float | None:
+    """Add the training-loss convergence of every finished run, and their mean/std per method, to `methods` (after
+    `summarise`); returns the train target used (`target`, else the worst method's mean final smoothed train loss)."""
+    for entry in methods.values():
+        for run in entry["runs"].values():
+            ok = run["status"] == "ok" and run.get("train_curve")
+            run.update(train_convergence(run["train_curve"] if ok else []))
+    if target is None:
+        finals = [mean_std([r["train_loss_final"] for r in m["runs"].values()])[0] for m in methods.values()]
+        finite = [f for f in finals if f is not None]
+        target = max(finite) if finite else None
+    for entry in methods.values():
+        ok = [r for r in entry["runs"].values() if r["train_loss_final"] is not None]
+        for run in entry["runs"].values():
+            reachable = run["train_loss_final"] is not None and target is not None
+            run["train_steps_to_target"] = train_steps_to_target(run["train_curve"], target) if reachable else None
+        for key in TRAIN_FIELDS:
+            values = [r[key] for r in ok if r[key] is not None]
+            entry["mean"][key], entry["std"][key] = mean_std(values)
+    return target
 
 
 def _drop_non_finite(run: dict) -> None:
@@ -233,6 +289,7 @@ def markdown(results: dict) -> str:
         lines += ["", "Exact match could not be measured for:", "", *missing]
     if unfinished:
         lines += ["", "Runs that did not finish (left out of the statistics):", "", *unfinished]
+    lines += _training_lines(results)
     lines += _reused_lines(results)
     total = sum(len(entry["runs"]) for entry in results["methods"].values())
     waiting = sum(entry.get("pending_runs", 0) for entry in results["methods"].values())
@@ -240,13 +297,51 @@ def markdown(results: dict) -> str:
         lines[1:1] = [
             "",
             f"**Partial report**: {total - waiting} of {total} runs have finished; the other {waiting} are pending "
-            "(this report was written with `--report-only` while the comparison was still running). Every figure "
-            "below comes from the finished runs only.",
+            "(this report was written with `--report-only` before they had run). Every figure below comes from the "
+            "finished runs only.",
         ]
+    if results.get("note"):  # --note: what a reader should know first (e.g. that some variants ran elsewhere)
+        lines[1:1] = ["", results["note"]]
     lines += _sweep_lines(results)
     lines += ["", "![loss](loss.png)", "", "![params](params.png)", "", "![pareto](pareto.png)", ""]
     lines += ["![loss against wall time](loss_vs_time.png)", ""]
     return "\n".join(lines)
+
+
+def _training_lines(results: dict) -> list[str]:
+    """The training-loss convergence table beside the final eval loss (summarise_training; absent from results
+    written before it existed)."""
+    train = results.get("train_convergence")
+    if not train:
+        return []
+    window, target = train["window"], train["target_loss"]
+    final = "final eval loss" if results["has_eval"] else "final loss"
+    lines = [
+        "",
+        f"Training-loss convergence, beside the {final}. Each run's per-step train loss is smoothed by a trailing "
+        f"moving average over {window} logged steps (fewer at the start). First {window} steps: the mean train loss "
+        f"over the first {window} logged steps. Final: the last smoothed value (the mean over the last {window} "
+        "steps). Area: the area under the smoothed curve (trapezoidal, over the logged steps) divided by the steps it "
+        "spans, i.e. its mean height, lower for a training loss that is lower over the whole run. Steps to train "
+        f"target: the first step whose smoothed train loss is at most {_scalar(target, '{:.3f}')}, the worst "
+        "method's mean final train loss. Mean ± std over seeds.",
+        "",
+        f"| method | {final} | train loss, first {window} steps | final train loss | area under the train curve "
+        "| steps to train target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, entry in results["methods"].items():
+        mean, std = entry["mean"], entry["std"]
+        reached = len([r for r in entry["runs"].values() if r.get("train_steps_to_target") is not None])
+        lines.append(
+            f"| {label} | {_fmt(mean['final_eval_loss'], std['final_eval_loss'])} | "
+            f"{_fmt(mean.get('train_loss_first'), std.get('train_loss_first'))} | "
+            f"{_fmt(mean.get('train_loss_final'), std.get('train_loss_final'))} | "
+            f"{_fmt(mean.get('train_curve_area'), std.get('train_curve_area'))} | "
+            f"{_fmt(mean.get('train_steps_to_target'), std.get('train_steps_to_target'), 0)} "
+            f"({reached}/{len(entry['runs'])}) |"
+        )
+    return lines
 
 
 def _reused_lines(results: dict) -> list[str]:
