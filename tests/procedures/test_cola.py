@@ -73,6 +73,19 @@ def test_methods_it_cannot_chain_are_refused(settings, message):
         ChainOfLora({}).check_model(model)
 
 
+def test_the_refusal_of_an_update_that_is_not_low_rank_names_methods_it_accepts(monkeypatch):
+    model = lorakit.adapt(tiny_llama(), lorakit.AdapterConfig(r=4))
+    layer = next(layer for _, layer in lorakit.adapter_layers(model))
+    monkeypatch.setattr(layer, "export_factors", lambda: None)  # a method with no low-rank form
+    with pytest.raises(lorakit.ConfigError, match="is not low rank; use one of") as caught:
+        ChainOfLora({}).check_model(model)
+    advice = str(caught.value).split("it chains: ")[1]
+    named = advice.replace(" or ", ", ").split(", ")
+    assert named == ["lora", "olora", "mini", "loraxs", "melora", "prolora"]
+    for method in named:  # every method the advice names is accepted
+        ChainOfLora({}).check_model(lorakit.adapt(tiny_llama(), lorakit.AdapterConfig(method=method, r=4, mini_a=8, mini_b=8)))
+
+
 def test_final_adapter_is_one_lora_of_all_links_and_exports_to_peft(tiny_model_dir, instruction_file, tmp_path):
     peft = pytest.importorskip("peft")
     out = tmp_path / "run"
