@@ -55,6 +55,8 @@ class AdapterLayer(nn.Module):
     trainable: ClassVar[tuple[str, ...]] = ()
     stored: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[dict[str, Option]] = {}  # the method's keys in AdapterConfig.extra
+    # why AdapterConfig.init does not apply (the warning's reason), or None where the method reads it
+    init_ignored: ClassVar[str | None] = None
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ def olora_factors(weight_linear: torch.Tensor, r: int) -> tuple[torch.Tensor, to
 @register_method
 class OLoraLayer(AdapterLayer):
     method = "olora"
+    init_ignored = "A and B start from the QR decomposition of the frozen weight"
     trainable = ("A", "B")
     stored = ("A", "B", "A0", "B0")
 
