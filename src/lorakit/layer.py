@@ -104,6 +104,12 @@ class AdapterLayer(nn.Module):
         """Validate the config against one layer's shape before anything is mutated."""
 
     @classmethod
+    def useful_rank(cls, config: AdapterConfig, in_features: int, out_features: int) -> tuple[int, str] | None:
+        """(the largest r that adds rank to this layer's update, the bound in words), or None where the method
+        cannot say (a larger r may still reach more updates). `adapt` warns when r exceeds it."""
+        return None
+
+    @classmethod
     def stored_shapes(cls, config: AdapterConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the `stored` tensors, known without allocating (files are checked against them)."""
         raise NotImplementedError
