@@ -86,7 +86,7 @@ VARIANTS = {name: dict(method=name, **METHOD_SETTINGS.get(name, {})) for name in
 
 
 def make_config(variant: str, **overrides) -> lorakit.AdapterConfig:
-    kwargs = dict(VARIANTS[variant], r=4, alpha=8, mini_a=8, mini_b=8)
+    kwargs = dict(VARIANTS[variant], r=4, alpha=8) | (dict(mini_a=8, mini_b=8) if variant.startswith("mini") else {})
     kwargs.update(overrides)
     return lorakit.AdapterConfig(**kwargs)
 

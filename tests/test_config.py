@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fresh_copy, tiny_bert, tiny_llama
+from conftest import METHOD_SETTINGS, fresh_copy, perturb_adapters, tiny_bert, tiny_llama
 
 import lorakit
 
@@ -82,3 +82,118 @@ def test_config_round_trips_through_dict():
     assert lorakit.AdapterConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown config field"):
         lorakit.AdapterConfig.from_dict({"method": "lora", "rank": 4})
+
+
+def _adapted_tensors(config: lorakit.AdapterConfig) -> dict:
+    model = lorakit.adapt(tiny_llama(), config)
+    layers = lorakit.adapter_layers(model)
+    return {f"{n}.{k}": v for n, layer in layers for k, v in layer.state_dict().items() if "base_layer" not in k}
+
+
+def _same(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(
+        first[k].shape == second[k].shape and torch.equal(first[k], second[k]) for k in first
+    )
+
+
+def _config(method: str, **kwargs) -> lorakit.AdapterConfig:
+    fits = dict(mini_a=8, mini_b=8) if method == "mini" else {}  # LoRA-Mini's outer ranks, fitted to the tiny model
+    return lorakit.AdapterConfig(method=method, r=4, **METHOD_SETTINGS.get(method, {}) | fits | kwargs)
+
+
+@pytest.mark.parametrize("method", sorted(lorakit.METHODS))
+def test_init_gaussian_warns_exactly_where_the_method_ignores_it(method, recwarn):
+    if method == "lorta":
+        pytest.skip("lorta refuses init='gaussian' (test_lorta.py)")
+    config = _config(method, init="gaussian")
+    warned = [w for w in recwarn if "ignores init='gaussian'" in str(w.message)]
+    ignored = _same(_adapted_tensors(config), _adapted_tensors(_config(method)))
+    assert bool(warned) == ignored == (method in ("olora", "loraxs", "mora")), (method, warned)
+    if warned:
+        assert len(warned) == 1 and warned[0].filename == __file__  # attributed to the caller
+        assert str(warned[0].message).startswith(f"{method} ignores init='gaussian': ")
+
+
+@pytest.mark.parametrize("method", sorted(lorakit.METHODS))
+@pytest.mark.parametrize(
+    "field", [dict(mini_a=4), dict(mini_b=16), dict(mini_outer="qr"), dict(mini_a=4, mini_outer="qr")]
+)
+def test_mini_fields_warn_on_every_method_but_mini(method, field, recwarn):
+    config = _config(method, **field)
+    warned = [w for w in recwarn if "LoRA-Mini's outer matrices" in str(w.message)]
+    if method == "mini":
+        assert not warned
+        assert not _same(_adapted_tensors(config), _adapted_tensors(_config(method)))  # mini reads them
+        return
+    named = " and ".join(f"{k}={v!r}" for k, v in field.items())
+    assert [str(w.message) for w in warned] == [
+        f"{method} ignores {named}: they shape LoRA-Mini's outer matrices (method='mini') only"
+    ]
+    assert warned[0].filename == __file__
+    assert _same(_adapted_tensors(config), _adapted_tensors(_config(method)))  # truly ignored
+
+
+def test_defaults_and_the_cli_defaults_warn_nothing(recwarn, tmp_path):
+    from lorakit.training import TrainConfig
+
+    for method in sorted(lorakit.METHODS):
+        _config(method)
+        TrainConfig(model="m", data="d", out=str(tmp_path / method), method=method).adapter_config()
+    assert not [str(w.message) for w in recwarn if "ignores" in str(w.message)]
+    TrainConfig(model="m", data="d", out=str(tmp_path / "x"), method="lora", mini_a=16).adapter_config()
+    assert [str(w.message) for w in recwarn] == [
+        "lora ignores mini_a=16: they shape LoRA-Mini's outer matrices (method='mini') only"
+    ]
+
+
+# tiny_llama: q/o 32 -> 32, k/v 32 -> 16, gate/up 32 -> 48, down 48 -> 32 (min(in, out): 32 or 16), 14 modules
+USEFUL_RANKS = [  # (method, settings, the largest useful r on the widest module, on k_proj)
+    ("lora", {}, 32, 16),
+    ("mini", dict(mini_a=12, mini_b=10, mini_outer="normal"), 10, 10),  # min(in, out, mini_a, mini_b)
+    ("melora", dict(extra={"blocks": 4}), 8, 4),  # per block: min(in, out) / blocks
+]
+
+
+def _rank_warnings(recwarn) -> list[str]:
+    return [str(w.message) for w in recwarn if "useful maximum" in str(w.message)]
+
+
+@pytest.mark.parametrize(("method", "settings", "widest", "narrowest"), USEFUL_RANKS)
+def test_a_rank_beyond_the_useful_maximum_warns_and_adds_no_rank(method, settings, widest, narrowest, recwarn):
+    def adapted(r):
+        model = lorakit.adapt(tiny_llama().double(), lorakit.AdapterConfig(method=method, r=r, **settings))
+        perturb_adapters(model)  # float64: the rank of ΔW is measured without float32 rounding noise
+        layers = lorakit.adapter_layers(model)
+        return {name: torch.linalg.matrix_rank(layer.delta_linear()).item() for name, layer in layers}
+
+    at_limit = adapted(widest)
+    assert all("of 14 adapted modules" in m for m in _rank_warnings(recwarn))  # some modules use it all
+    recwarn.clear()
+    adapted(narrowest)
+    assert not _rank_warnings(recwarn)
+    adapted(narrowest + 1)
+    if narrowest < widest:
+        (message,) = _rank_warnings(recwarn)
+        assert message.startswith(
+            f"r={narrowest + 1} exceeds the useful maximum of {method} on 4 of 14 adapted modules "
+            f"(e.g. {narrowest} on model.layers.0.self_attn.k_proj, 32 -> 16: "
+        )
+        assert "r beyond it adds parameters but no rank" in message and "use r <=" not in message
+    recwarn.clear()
+    beyond = adapted(widest + 3)
+    (message,) = _rank_warnings(recwarn)
+    assert message.startswith(
+        f"r={widest + 3} exceeds the useful maximum of {method} on every adapted module "
+        f"(at most {widest} on model.layers.0.self_attn.q_proj, 32 -> 32: "
+    )
+    assert message.endswith(f"r beyond it adds parameters but no rank; use r <= {widest}")
+    assert recwarn[0].filename == __file__
+    assert beyond == at_limit  # the words are true: the extra ranks reach no higher-rank update
+    blocks = settings.get("extra", {}).get("blocks", 1)
+    assert at_limit["model.layers.0.self_attn.q_proj"] == min(32, widest * blocks)
+
+
+@pytest.mark.parametrize("method", ["prolora", "mora", "lorta"])
+def test_methods_whose_useful_rank_is_not_min_in_out_do_not_warn(method, recwarn):
+    lorakit.adapt(tiny_llama(), _config(method) if method == "lorta" else lorakit.AdapterConfig(method=method, r=40))
+    assert not _rank_warnings(recwarn)

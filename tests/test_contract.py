@@ -140,16 +140,16 @@ def test_output_head_is_not_adapted(case):
 def test_half_precision_base(variant, dtype, inputs):
     base = MODEL_FACTORIES["llama"]().to(dtype)
     model = lorakit.adapt(fresh_copy(base), make_config(variant))
+    trained = lorakit.inject.trainable_parameters(model)  # each layer's and the shared ones (LoRTA's are only shared)
+    assert trained and all(p.dtype == torch.float32 for p in trained)
     for _, layer in lorakit.adapter_layers(model):
-        assert all(p.dtype == torch.float32 for p in layer.trainable_parameters().values())
         assert layer.base_layer.weight.dtype == dtype
     out = model_output(model, inputs)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), model_output(base, inputs).float(), atol=0.05, rtol=0.05)
     perturb_adapters(model)
     model_output(model, inputs).float().square().mean().backward()
-    grads = [p.grad for _, l in lorakit.adapter_layers(model) for p in l.trainable_parameters().values()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in trained)
     with torch.no_grad():
         adapted = model_output(model, inputs).float()
         lorakit.merge(model)

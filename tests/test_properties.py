@@ -36,13 +36,12 @@ def cases(draw):
     outer = draw(st.sampled_from(["orthonormal", "normal", "qr"]))
     r = draw(st.integers(1, narrowest if method == "olora" else 8))
     ab_limit = narrowest if method == "mini" and outer != "normal" else 12
+    mini = dict(mini_outer=outer, mini_a=draw(st.integers(1, ab_limit)), mini_b=draw(st.integers(1, ab_limit)))
     config = lorakit.AdapterConfig(
         method=method,
         r=r,
         alpha=draw(st.floats(0.5, 16)),
-        mini_outer=outer,
-        mini_a=draw(st.integers(1, ab_limit)),
-        mini_b=draw(st.integers(1, ab_limit)),
+        **(mini if method == "mini" else {}),
         rslora=draw(st.booleans()),
         seed=draw(st.integers(0, 100)),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -84,6 +85,23 @@ class AdapterConfig:
         layer_cls = METHODS[self.method]
         self.extra = validate_options(self.method, layer_cls.options, self.extra)
         layer_cls.check_config(self)
+        self._warn_ignored(layer_cls)
+
+    def _warn_ignored(self, layer_cls) -> None:
+        """One line for each kind of field set away from its default that this method never reads."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        # stacklevel 4: _warn_ignored <- __post_init__ <- the dataclass __init__ <- the caller
+        if self.init != defaults["init"] and layer_cls.init_ignored:
+            warnings.warn(f"{self.method} ignores init={self.init!r}: {layer_cls.init_ignored}", stacklevel=4)
+        if self.method != "mini":
+            fields = ("mini_a", "mini_b", "mini_outer")
+            mini = [f"{k}={getattr(self, k)!r}" for k in fields if getattr(self, k) != defaults[k]]
+            if mini:
+                warnings.warn(
+                    f"{self.method} ignores {' and '.join(mini)}: they shape LoRA-Mini's outer matrices "
+                    "(method='mini') only",
+                    stacklevel=4,
+                )
 
     def option(self, key: str):
         """The value of a method option in `extra`, or its declared default."""

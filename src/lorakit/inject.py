@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -96,8 +97,34 @@ def adapt(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -
 
     Every check runs before the model is touched, so a ConfigError leaves the model as it was.
     """
-    install(model, build_layers(model, config, initialize=initialize))
+    layers = build_layers(model, config, initialize=initialize)
+    _warn_useless_rank(config, layers)
+    install(model, layers)
     return model
+
+
+def _warn_useless_rank(config: AdapterConfig, layers: dict[str, AdapterLayer]) -> None:
+    """One line when r exceeds, on some adapted module, the largest rank the method's update can use there."""
+    limits = {}
+    for name, layer in layers.items():
+        limit = type(layer).useful_rank(config, layer.in_features, layer.out_features)
+        if limit is not None:
+            limits[name] = (*limit, layer.in_features, layer.out_features)
+    over = {name: limit for name, limit in limits.items() if config.r > limit[0]}
+    if not over:
+        return
+    everywhere = len(over) == len(layers)
+    # all over: the largest limit is the useful maximum of the whole model; else the tightest module, as an example
+    pick = max if everywhere else min
+    name, (limit, why, in_features, out_features) = pick(over.items(), key=lambda item: item[1][0])
+    where = "every adapted module" if everywhere else f"{len(over)} of {len(layers)} adapted modules"
+    # stacklevel 3: _warn_useless_rank <- adapt <- the caller
+    warnings.warn(
+        f"r={config.r} exceeds the useful maximum of {config.method} on {where} ({'at most' if everywhere else 'e.g.'} "
+        f"{limit} on {name}, {in_features} -> {out_features}: {why}); r beyond it adds parameters but no rank"
+        + (f"; use r <= {limit}" if everywhere else ""),
+        stacklevel=3,
+    )
 
 
 def build_layers(

@@ -47,6 +47,8 @@ class AdapterLayer(nn.Module):
     trainable: ClassVar[tuple[str, ...]] = ()
     stored: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[dict[str, Option]] = {}  # the method's keys in AdapterConfig.extra
+    # why AdapterConfig.init does not apply (the warning's reason), or None where the method reads it
+    init_ignored: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -98,6 +100,12 @@ class AdapterLayer(nn.Module):
     @classmethod
     def check_layer(cls, config: AdapterConfig, name: str, in_features: int, out_features: int) -> None:
         """Validate the config against one layer's shape before anything is mutated."""
+
+    @classmethod
+    def useful_rank(cls, config: AdapterConfig, in_features: int, out_features: int) -> tuple[int, str] | None:
+        """(the largest r that adds rank to this layer's update, the bound in words), or None where the method
+        cannot say (a larger r may still reach more updates). `adapt` warns when r exceeds it."""
+        return None
 
     @classmethod
     def stored_shapes(cls, config: AdapterConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:

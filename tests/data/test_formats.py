@@ -48,6 +48,18 @@ def test_every_file_type_reads_the_same_records(suffix, tmp_path):
     assert [{k: r[k] for k in ("instruction", "input", "output")} for r in records] == ROWS
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt"])
+def test_a_utf8_byte_order_mark_is_not_data(suffix, tmp_path):
+    plain = tmp_path / f"plain{suffix}"
+    if suffix == ".txt":
+        plain.write_text("first doc\n\nsecond doc\n", encoding="utf-8")
+    else:
+        write(plain, ROWS)
+    marked = tmp_path / f"marked{suffix}"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # what Windows editors save as "UTF-8 with BOM"
+    assert read_records(str(marked)) == read_records(str(plain))
+
+
 def test_txt_documents_are_split_on_blank_lines(tmp_path):
     (tmp_path / "d.txt").write_text("first doc\nline two\n\n\nsecond doc\n")
     assert read_records(str(tmp_path / "d.txt")) == [{"text": "first doc\nline two"}, {"text": "second doc"}]

@@ -73,6 +73,20 @@ def test_methods_it_cannot_chain_are_refused(settings, message):
         ChainOfLora({}).check_model(model)
 
 
+def test_the_refusal_of_an_update_that_is_not_low_rank_names_methods_it_accepts(monkeypatch):
+    model = lorakit.adapt(tiny_llama(), lorakit.AdapterConfig(r=4))
+    layer = next(layer for _, layer in lorakit.adapter_layers(model))
+    monkeypatch.setattr(layer, "export_factors", lambda: None)  # a method with no low-rank form
+    with pytest.raises(lorakit.ConfigError, match="is not low rank; use one of") as caught:
+        ChainOfLora({}).check_model(model)
+    advice = str(caught.value).split("it chains: ")[1]
+    named = advice.replace(" or ", ", ").split(", ")
+    assert named == ["lora", "olora", "mini", "loraxs", "melora", "prolora"]
+    for method in named:  # every method the advice names is accepted
+        config = lorakit.AdapterConfig(method=method, r=4, **({"mini_a": 8, "mini_b": 8} if method == "mini" else {}))
+        ChainOfLora({}).check_model(lorakit.adapt(tiny_llama(), config))
+
+
 def test_final_adapter_is_one_lora_of_all_links_and_exports_to_peft(tiny_model_dir, instruction_file, tmp_path):
     peft = pytest.importorskip("peft")
     out = tmp_path / "run"
@@ -100,6 +114,38 @@ def test_final_adapter_is_one_lora_of_all_links_and_exports_to_peft(tiny_model_d
     ids = torch.arange(12).reshape(1, 12)
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["continue", "rewarm"])
+def test_the_logged_rate_is_the_rate_each_step_applies(schedule, tiny_model_dir, instruction_file, tmp_path, monkeypatch):
+    applied = []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        applied.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(instruction_file),
+        out=str(out),
+        procedure=f"cola:links=2,schedule={schedule},rewarm_steps=3",
+        steps=8,
+        schedule="constant",
+        batch_size=4,
+        rank=4,
+        lr=1e-2,
+        max_length=64,
+        quiet=True,
+    )
+    train(cfg)
+    logged = [r["lr"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "lr" in r]
+    assert logged == applied
+    # the knot follows step 4; rewarm scales the next 3 steps by 1/4, 2/4, 3/4 ((since + 1) / (rewarm_steps + 1))
+    factors = [1, 1, 1, 1, 0.25, 0.5, 0.75, 1] if schedule == "rewarm" else [1] * 8
+    assert logged == pytest.approx([1e-2 * f for f in factors], rel=1e-12)
 
 
 @pytest.mark.parametrize("outer", ["orthonormal", "normal", "qr"])

@@ -68,9 +68,12 @@ def read_records(source: str, *, split: str = "train") -> list[dict]:
     return _read_hub(source, split)
 
 
+# Text files are read as utf-8-sig: a UTF-8 byte-order mark (as Windows editors write) is dropped, not read as data.
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; save it as UTF-8 JSON Lines (one JSON object per line)") from None
     records = []
@@ -89,7 +92,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg}); fix the file") from None
     except UnicodeDecodeError:
@@ -103,7 +106,7 @@ def _read_json(path: Path) -> list[dict]:
 
 def _read_csv(path: Path) -> list[dict]:
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
             rows = []
             for row in reader:
@@ -131,7 +134,7 @@ def _read_parquet(path: Path) -> list[dict]:
 
 def _read_txt(path: Path) -> list[dict]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     documents = [doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip()]

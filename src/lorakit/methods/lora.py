@@ -22,6 +22,10 @@ class LoraLayer(AdapterLayer):
     stored = ("A", "B")
 
     @classmethod
+    def useful_rank(cls, config, in_features, out_features):
+        return min(in_features, out_features), "rank(B A) <= min(in, out)"
+
+    @classmethod
     def stored_shapes(cls, config, in_features, out_features):
         return {"A": (config.r, in_features), "B": (out_features, config.r)}
 

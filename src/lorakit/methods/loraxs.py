@@ -68,6 +68,7 @@ BLOCK = 4
 @register_method
 class LoraXSLayer(AdapterLayer):
     method = "loraxs"
+    init_ignored = "its frozen factors come from the frozen weight's SVD, and R starts as the r_init option says"
     trainable = ("R",)
     stored = ("R",)
     options = {

@@ -70,6 +70,11 @@ class MeloraLayer(AdapterLayer):
             )
 
     @classmethod
+    def useful_rank(cls, config, in_features, out_features):
+        blocks = config.option("blocks")  # r is each block's rank; a block is (out/n) x (in/n)
+        return min(in_features, out_features) // blocks, "each block B_i A_i has rank <= min(in, out)/blocks"
+
+    @classmethod
     def stored_shapes(cls, config, in_features, out_features):
         n = config.option("blocks")
         return {"A": (n, config.r, in_features // n), "B": (n, out_features // n, config.r)}

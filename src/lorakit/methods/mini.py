@@ -63,6 +63,12 @@ class MiniLayer(AdapterLayer):
                 )
 
     @classmethod
+    def useful_rank(cls, config, in_features, out_features):
+        # every B_out M A_out with rank(M) > k equals one with rank(M) <= k, k = min(rank B_out, rank A_out)
+        bound = min(in_features, out_features, config.mini_a, config.mini_b)
+        return bound, "B_out B_in A_in A_out has rank <= min(in, out, mini_a, mini_b)"
+
+    @classmethod
     def stored_shapes(cls, config, in_features, out_features):
         return {"A_in": (config.r, config.mini_a), "B_in": (config.mini_b, config.r)}
 

@@ -56,6 +56,7 @@ def mora_rank(in_features: int, out_features: int, r: int, kind: str) -> int:
 @register_method
 class MoraLayer(AdapterLayer):
     method = "mora"
+    init_ignored = "its one trained matrix M starts at zero"
     trainable = ("M",)
     stored = ("M",)
     options = {

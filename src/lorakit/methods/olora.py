@@ -16,8 +16,9 @@ which is the paper's model exactly, without rounding W − s·B0·A0 to the base
 changes the model at init). So the base stays bit-identical: `disabled()` and `unload()` are exact, the base
 check sees the original weight, and export to plain LoRA is the same rank-2r [B | −B0] [A ; A0]. With dropout, the
 −B0·A0 path sees the undropped input, as PEFT's mutated base does. The rank-2r product costs about twice LoRA's
-adapter FLOPs (+~4% of a SmolLM2 layer's at r=16). Use a learning rate like LoRA's; the paper reports faster
-convergence than LoRA at equal rank.
+adapter FLOPs (+~4% of a SmolLM2 layer's at r=16). Learning rate: about 9x below LoRA's (the reproduction's
+sweeps, docs/reproduction.md: 1e-4 vs 9e-4 and 3e-4 vs 2.7e-3); the paper reports faster convergence than LoRA at
+equal rank.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def olora_factors(weight_linear: torch.Tensor, r: int) -> tuple[torch.Tensor, to
 @register_method
 class OLoraLayer(AdapterLayer):
     method = "olora"
+    init_ignored = "A and B start from the QR decomposition of the frozen weight"
     trainable = ("A", "B")
     stored = ("A", "B", "A0", "B0")
 

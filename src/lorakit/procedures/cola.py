@@ -94,7 +94,7 @@ class ChainOfLora(Procedure):
             if layer.export_factors() is None:
                 raise ConfigError(
                     f"--procedure cola needs a low-rank update per layer, but {layer.method} on {name} is not low "
-                    "rank; use a low-rank method (e.g. mora with --option kind=sharing)"
+                    "rank; use one of the methods it chains: lora, olora, mini, loraxs, melora or prolora"
                 )
 
     def after_optimizer_step(self, state: TrainingState) -> None:

@@ -261,7 +261,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
                 )
             if procedure is not None:
                 procedure.after_backward(moment)
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step applies: a procedure may rescale the
+            # scheduler's (Chain of LoRA's rewarm), so get_last_lr() is not it
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
