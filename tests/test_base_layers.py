@@ -46,7 +46,9 @@ def quantized(scheme: str, seed: int = 0):
 
 
 def config(method: str, **overrides):
-    settings = dict(method=method, r=4, mini_a=8, mini_b=8, **METHOD_SETTINGS.get(method, {}))
+    settings = dict(method=method, r=4, **METHOD_SETTINGS.get(method, {}))
+    if method == "mini":
+        settings.update(mini_a=8, mini_b=8)
     settings.update(overrides)
     return lorakit.AdapterConfig(**settings)
 
