@@ -125,6 +125,12 @@ class AdapterLayer(nn.Module):
     def after_load(self) -> None:
         """Called after stored tensors were loaded from a file."""
 
+    def recomputed_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) of the part s·B·A of the update that depends on frozen factors rebuilt from the base weight when
+        a file is loaded (LoRA-XS, LoRA-Mini "qr", OLoRA), or None. A file keeps a sketch of it, and a load checks
+        the rebuilt factors against it (`lorakit.fingerprint.update_sketch`)."""
+        return None
+
     @classmethod
     def build_shared(cls, model: nn.Module, config: AdapterConfig, names: list[str]) -> SharedParameters | None:
         """The model-wide tensors every layer of this method reads (LoRTA's CP factors), or None."""

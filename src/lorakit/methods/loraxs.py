@@ -104,6 +104,9 @@ class LoraXSLayer(AdapterLayer):
     def factors(self):
         return self.SVt, self.U @ self.R
 
+    def recomputed_factors(self):
+        return self.factors()
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r_init={self.option('r_init')}"
 
