@@ -55,6 +55,7 @@ class AdapterLayer(nn.Module):
     trainable: ClassVar[tuple[str, ...]] = ()
     stored: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[dict[str, Option]] = {}  # the method's keys in AdapterConfig.extra
+    recomputed_part: ClassVar[str] = "the update"  # what `recomputed_factors` gives, in words
 
     def __init__(
         self,
@@ -105,6 +106,18 @@ class AdapterLayer(nn.Module):
     def stored_shapes(cls, config: AdapterConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the `stored` tensors, known without allocating (files are checked against them)."""
         raise NotImplementedError
+
+    @classmethod
+    def legacy_shapes(cls, config: AdapterConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+        """Tensors that files of earlier lorakit versions store besides `stored` (still read: `load_tensors` gets
+        them; OLoRA's A0, B0)."""
+        return {}
+
+    @classmethod
+    def accepts_file_shapes(cls, config: AdapterConfig, in_features: int, out_features: int, saved: dict) -> bool:
+        """Whether a file's {tensor: shape} for one module is this version's layout or an earlier one."""
+        expected = cls.stored_shapes(config, in_features, out_features)
+        return saved in (expected, expected | cls.legacy_shapes(config, in_features, out_features))
 
     def build(self) -> None:
         """Create parameters and buffers (zeros for what `initialize` or a file fills in)."""
@@ -169,6 +182,7 @@ class AdapterLayer(nn.Module):
         return {name: getattr(self, name) for name in self.stored}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a file's tensors of this module (`stored`, and any `legacy_shapes` ones an older file holds)."""
         with torch.no_grad():
             for name in self.stored:
                 getattr(self, name).copy_(tensors[name])

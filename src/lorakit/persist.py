@@ -1,6 +1,7 @@
 """Adapter files: `DIR/adapter.safetensors` (tensors) + `DIR/adapter.json` (everything else).
 
-Only what cannot be regenerated is stored (each method's `stored` tensors): LoRA A, B; OLoRA A, B, A0, B0;
+Only what cannot be regenerated is stored (each method's `stored` tensors): LoRA A, B; OLoRA A, B (its A0, B0 are
+recomputed from the base; older files that hold them too are still read, with their A0, B0 as saved);
 LoRA-Mini A_in, B_in (outer matrices come back from the seed, or from the base weight for mini_outer="qr").
 adapter.json records the config, the format version, per-module shapes, a fingerprint of each adapted module's
 ORIGINAL base weight (`lorakit.fingerprint`), and the sha256 of the tensor file, so a truncated, corrupt or
@@ -414,8 +415,9 @@ def check_recomputed(layers: dict, metadata: dict, *, strict: bool = True) -> tu
     if past:
         method, dtype = layers[worst].method, metadata["modules"][worst]["base_dtype"]
         message = (
-            f"{method} rebuilds frozen factors from the base weights, and from this base they change the update of "
-            f"{worst} by about {changes[worst]:.0%} ({past} of {len(changes)} modules past {RECOMPUTE_TOLERANCE:.0%})"
+            f"{method} rebuilds frozen factors from the base weights, and from this base they change "
+            f"{layers[worst].recomputed_part} of {worst} by about {changes[worst]:.0%} ({past} of {len(changes)} "
+            f"modules past {RECOMPUTE_TOLERANCE:.0%})"
         )
         if strict:
             raise BaseModelMismatchError(
@@ -439,7 +441,8 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
     configs = {name: module_config(config, info) for name, info in metadata["modules"].items()}
     for name, info in metadata["modules"].items():
         expected = layer_cls.stored_shapes(configs[name], info["in"], info["out"])
-        if {key: tuple(shape) for key, shape in info["tensors"].items()} != expected:
+        saved = {key: tuple(shape) for key, shape in info["tensors"].items()}
+        if not layer_cls.accepts_file_shapes(configs[name], info["in"], info["out"], saved):
             raise AdapterFileError(
                 f"{directory}: module {name} tensors do not fit the config {expected}; save it again"
             )
@@ -465,13 +468,16 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
         shared.load_tensors({key: tensors[f"{SHARED}.{key}"] for key in shared.stored})
     for name, layer in layers.items():
         layer.config = configs[name]
-        layer.load_tensors({key: tensors[f"{name}.{key}"] for key in layer.stored})
+        layer.load_tensors({key: tensors[f"{name}.{key}"] for key in metadata["modules"][name]["tensors"]})
     recomputed = check_recomputed(layers, metadata, strict=strict)  # before the model is touched
     if other_dtype:
         message = _dtype_message(*other_dtype)
         if recomputed is not None:
-            method = layers[recomputed[0]].method
-            message += f", and {method}'s factors rebuilt from it change its update by up to about {recomputed[1]:.2%}"
+            layer = layers[recomputed[0]]
+            message += (
+                f", and {layer.method}'s factors rebuilt from it change {layer.recomputed_part} by up to about "
+                f"{recomputed[1]:.2%}"
+            )
         warnings.warn(message, stacklevel=2)
     install(model, layers)
     return model
