@@ -138,6 +138,13 @@ class AdapterLayer(nn.Module):
     def after_load(self) -> None:
         """Called after stored tensors were loaded from a file."""
 
+    def file_fields(self) -> dict:
+        """Small JSON values a file keeps for this module beside its tensors (LoRA-XS: its sign anchors)."""
+        return {}
+
+    def load_file_fields(self, fields: dict) -> None:
+        """Apply `file_fields` read from a file (an older file may lack them); raise ValueError if malformed."""
+
     def recomputed_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A, B) of the part s·B·A of the update that depends on frozen factors rebuilt from the base weight when
         a file is loaded (LoRA-XS, LoRA-Mini "qr", OLoRA), or None. A file keeps a sketch of it, and a load checks

@@ -106,6 +106,8 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
         }
         if (layer.config.r, layer.config.alpha) != (config.r, config.alpha):
             modules[name].update(r=layer.config.r, alpha=layer.config.alpha)
+        if layer.file_fields():
+            modules[name]["fields"] = layer.file_fields()
         recomputed = layer.recomputed_factors()
         if recomputed is not None:  # checked when the factors are rebuilt on load (`lorakit.fingerprint`)
             modules[name]["update_sketch"] = sketch_to_json(update_sketch(*recomputed, layer.scale))
@@ -468,6 +470,10 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
         shared.load_tensors({key: tensors[f"{SHARED}.{key}"] for key in shared.stored})
     for name, layer in layers.items():
         layer.config = configs[name]
+        try:
+            layer.load_file_fields(metadata["modules"][name].get("fields") or {})
+        except (ValueError, TypeError) as exc:
+            raise AdapterFileError(f"{directory}: module {name} has invalid 'fields' ({exc}); save it again") from None
         layer.load_tensors({key: tensors[f"{name}.{key}"] for key in metadata["modules"][name]["tensors"]})
     recomputed = check_recomputed(layers, metadata, strict=strict)  # before the model is touched
     if other_dtype:
@@ -477,6 +483,12 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
             message += (
                 f", and {layer.method}'s factors rebuilt from it change {layer.recomputed_part} by up to about "
                 f"{recomputed[1]:.2%}"
+            )
+        elif any(layer.recomputed_factors() is not None for layer in layers.values()):
+            method = next(iter(layers.values())).method
+            message += (
+                f", and {method}'s frozen factors are rebuilt from it by an amount this file (saved before lorakit "
+                "checked it) cannot tell; re-save it on the base it was trained on to have it checked"
             )
         warnings.warn(message, stacklevel=2)
     install(model, layers)
