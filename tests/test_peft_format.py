@@ -157,3 +157,106 @@ def test_pickled_peft_adapter_is_refused(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(lorakit.AdapterFileError, match="pickle file lorakit never loads"):
         lorakit.import_peft(tiny_llama(), tmp_path)
+
+
+def _peft_init_adapter(base, tmp_path, init, **config):
+    """A PEFT adapter with `init_lora_weights=init`, its factors moved from their init as training would, saved
+    unconverted; returns PEFT's own reload of it onto the original base (which re-runs the init first)."""
+    model = peft.get_peft_model(fresh_copy(base), peft.LoraConfig(init_lora_weights=init, **config))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    model.save_pretrained(tmp_path / "peft")
+    return peft.PeftModel.from_pretrained(fresh_copy(base), tmp_path / "peft").eval()
+
+
+# Inits that leave the base alone: the saved factors are the whole update, imported as a plain LoRA.
+PLAIN_INITS = [True, False, "gaussian", "orthogonal", "eva", "mica"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("rslora", [False, True], ids=["plain", "rslora"])
+@pytest.mark.parametrize("init", [*PLAIN_INITS, "olora", "pissa"], ids=str)
+def test_import_peft_matches_peft_for_each_init(init, rslora, tmp_path, inputs):
+    """OLoRA and PiSSA rewrite the base at init (W - s·B0·A0) and PeftModel.from_pretrained redoes that on the
+    original base: the import must give PEFT's model, not the saved factors on the unchanged base."""
+    base = tiny_llama()
+    theirs = _peft_init_adapter(
+        base, tmp_path, init, r=4, lora_alpha=12, use_rslora=rslora, target_modules=["q_proj", "v_proj", "down_proj"]
+    )
+    ours = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")
+    expected = model_output(theirs, inputs)
+    assert (expected - model_output(base, inputs)).abs().max() > 0.05  # the adapter's own effect is visible
+    torch.testing.assert_close(model_output(ours, inputs), expected, atol=1e-5, rtol=1e-5)
+    method = {"olora": "olora"}.get(init, "lora")
+    assert {layer.method for _, layer in lorakit.adapter_layers(ours)} == {method}
+    lorakit.save_adapter(ours, tmp_path / "ours")  # and it is a normal lorakit adapter from then on
+    again = lorakit.load_adapter(fresh_copy(base), tmp_path / "ours")
+    torch.testing.assert_close(model_output(again, inputs), model_output(ours, inputs), atol=1e-6, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_import_peft_pissa_on_conv1d(tmp_path, inputs):
+    base = tiny_gpt2()
+    theirs = _peft_init_adapter(base, tmp_path, "pissa", r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    ours = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")
+    torch.testing.assert_close(model_output(ours, inputs), model_output(theirs, inputs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_import_peft_olora_with_rank_pattern(tmp_path, inputs):
+    base = tiny_llama()
+    theirs = _peft_init_adapter(
+        base, tmp_path, "olora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}
+    )
+    ours = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")
+    assert {layer.r for _, layer in lorakit.adapter_layers(ours)} == {2, 4}
+    torch.testing.assert_close(model_output(ours, inputs), model_output(theirs, inputs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "init,message",
+    [
+        ("pissa_niter_4", "init_lora_weights='pissa_niter_4'.*randomized SVD"),
+        ("corda", "init_lora_weights='corda'.*activations"),
+        ("lora_ga", "init_lora_weights='lora_ga'.*gradients"),
+        ("loftq", "init_lora_weights='loftq'.*quantized"),
+        ("olora-gpt2", "init_lora_weights='olora' on Conv1D"),
+        ("nonsense", "init_lora_weights='nonsense' is unknown"),
+    ],
+)
+def test_import_peft_refuses_inits_it_cannot_rebuild(init, message, tmp_path):
+    """These inits rewrote the base in a way lorakit cannot redo from the base alone: refused in one line that
+    names the init and PEFT's conversion to a plain LoRA (loftq: the quantized base)."""
+    base = tiny_gpt2() if init == "olora-gpt2" else tiny_llama()
+    targets = ["c_proj"] if init == "olora-gpt2" else ["q_proj", "v_proj"]
+    _peft_adapter(base, tmp_path, r=4, target_modules=targets, fan_in_fan_out=init == "olora-gpt2")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())  # PEFT would need data, gradients or LoftQ to make these
+    config["init_lora_weights"] = init.removesuffix("-gpt2")
+    if init == "loftq":
+        config["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
+    config_path.write_text(json.dumps(config))
+    target = fresh_copy(base)
+    with pytest.raises(lorakit.AdapterFileError, match=message) as caught:
+        lorakit.import_peft(target, tmp_path / "peft")
+    text = str(caught.value)
+    assert "\n" not in text
+    if init != "loftq":
+        assert "path_initial_model_for_weight_conversion" in text
+    assert not list(lorakit.adapter_layers(target))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_pissa_niter_reload_depends_on_the_random_state(tmp_path, inputs):
+    """Why pissa_niter_K is refused: PEFT redraws its randomized SVD at every load, so the base it subtracts (and
+    the model) depends on the global random state, and no import can be exact."""
+    base = tiny_llama()
+    _peft_init_adapter(base, tmp_path, "pissa_niter_2", r=4, target_modules=["q_proj", "v_proj"])
+    outputs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        outputs.append(model_output(peft.PeftModel.from_pretrained(fresh_copy(base), tmp_path / "peft").eval(), inputs))
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-3

@@ -156,3 +156,59 @@ def frozen_fingerprint(frozen) -> Fingerprint:
     if frozen.quantization is None:
         return Fingerprint.of(frozen.module.weight)
     return Fingerprint.of(frozen.fingerprint_weight(), dtype=frozen.quantization)
+
+
+# ----------------------------------------------------------------- recomputed factors
+# LoRA-XS (U_r, Σ_r V_rᵀ), LoRA-Mini "qr" (its outer matrices) and OLoRA (A0, B0) rebuild frozen factors from the
+# base weight when loaded, instead of storing them. From a base in another dtype (or on other hardware) the rebuilt
+# factors can differ: singular vectors of nearly equal singular values mix, or a canonical sign flips. A file
+# therefore holds, per module, a sketch of the update those factors give, s·B·A (`AdapterLayer.recomputed_factors`):
+#
+#     S = Gᵀ (s·B·A) H,   G ∈ R^{out×k}, H ∈ R^{in×k} N(0, 1) from a fixed seed, k = 8,
+#
+# and a load rebuilds it from the new factors. ‖S' − S‖ / ‖S‖ estimates the relative change ‖ΔW' − ΔW‖ / ‖ΔW‖ of
+# the update (E‖Gᵀ X H‖² = k²‖X‖²; the estimate is within a factor ~1.3 at k = 8). Above RECOMPUTE_TOLERANCE the
+# load is refused (strict) or warned about with the measured figure.
+SKETCH_PROBES = 8
+SKETCH_SEED = 20_240_517
+RECOMPUTE_TOLERANCE = 0.05
+
+
+def _probes(rows: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(SKETCH_SEED + rows)
+    return torch.randn(rows, SKETCH_PROBES, generator=gen, dtype=torch.float64).to(device)
+
+
+def update_sketch(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gᵀ (scale·B·A) H (k × k, float64 on the CPU) of the update with factors A (r × in), B (out × r), computed from
+    the factors (no dense out × in product)."""
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    left = _probes(b.shape[0], b.device).T @ b  # k × r
+    right = a @ _probes(a.shape[1], a.device)  # r × k
+    return (scale * left @ right).cpu()
+
+
+def sketch_to_json(sketch: torch.Tensor) -> str:
+    return base64.b64encode(sketch.numpy().astype("<f8").tobytes()).decode("ascii")
+
+
+def sketch_from_json(data) -> torch.Tensor:
+    """Inverse of `sketch_to_json`; raises ValueError on anything malformed."""
+    if not isinstance(data, str):
+        raise ValueError("not a string")
+    raw = base64.b64decode(data, validate=True)
+    if len(raw) != 8 * SKETCH_PROBES**2:
+        raise ValueError("wrong length")
+    sketch = torch.from_numpy(np.frombuffer(raw, dtype="<f8").copy()).reshape(SKETCH_PROBES, SKETCH_PROBES)
+    if not torch.isfinite(sketch).all():
+        raise ValueError("not finite")
+    return sketch
+
+
+def sketch_change(saved: torch.Tensor, current: torch.Tensor) -> float:
+    """Relative change of the update between two sketches (0 when both are zero: an update that is 0 stays 0)."""
+    difference = float(torch.linalg.vector_norm(current - saved))
+    size = float(torch.linalg.vector_norm(saved))
+    if difference == 0.0:
+        return 0.0
+    return difference / size if size > 0 else math.inf

@@ -49,6 +49,7 @@ class AdapterLayer(nn.Module):
     options: ClassVar[dict[str, Option]] = {}  # the method's keys in AdapterConfig.extra
     # why AdapterConfig.init does not apply (the warning's reason), or None where the method reads it
     init_ignored: ClassVar[str | None] = None
+    recomputed_part: ClassVar[str] = "the update"  # what `recomputed_factors` gives, in words
 
     def __init__(
         self,
@@ -112,6 +113,18 @@ class AdapterLayer(nn.Module):
         """Shapes of the `stored` tensors, known without allocating (files are checked against them)."""
         raise NotImplementedError
 
+    @classmethod
+    def legacy_shapes(cls, config: AdapterConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+        """Tensors that files of earlier lorakit versions store besides `stored` (still read: `load_tensors` gets
+        them; OLoRA's A0, B0)."""
+        return {}
+
+    @classmethod
+    def accepts_file_shapes(cls, config: AdapterConfig, in_features: int, out_features: int, saved: dict) -> bool:
+        """Whether a file's {tensor: shape} for one module is this version's layout or an earlier one."""
+        expected = cls.stored_shapes(config, in_features, out_features)
+        return saved in (expected, expected | cls.legacy_shapes(config, in_features, out_features))
+
     def build(self) -> None:
         """Create parameters and buffers (zeros for what `initialize` or a file fills in)."""
         raise NotImplementedError
@@ -130,6 +143,19 @@ class AdapterLayer(nn.Module):
 
     def after_load(self) -> None:
         """Called after stored tensors were loaded from a file."""
+
+    def file_fields(self) -> dict:
+        """Small JSON values a file keeps for this module beside its tensors (LoRA-XS: its sign anchors)."""
+        return {}
+
+    def load_file_fields(self, fields: dict) -> None:
+        """Apply `file_fields` read from a file (an older file may lack them); raise ValueError if malformed."""
+
+    def recomputed_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) of the part s·B·A of the update that depends on frozen factors rebuilt from the base weight when
+        a file is loaded (LoRA-XS, LoRA-Mini "qr", OLoRA), or None. A file keeps a sketch of it, and a load checks
+        the rebuilt factors against it (`lorakit.fingerprint.update_sketch`)."""
+        return None
 
     @classmethod
     def build_shared(cls, model: nn.Module, config: AdapterConfig, names: list[str]) -> SharedParameters | None:
@@ -169,6 +195,7 @@ class AdapterLayer(nn.Module):
         return {name: getattr(self, name) for name in self.stored}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a file's tensors of this module (`stored`, and any `legacy_shapes` ones an older file holds)."""
         with torch.no_grad():
             for name in self.stored:
                 getattr(self, name).copy_(tensors[name])

@@ -6,6 +6,22 @@ B = B_out B_in; OLoRA as the rank-2r [B | −B0] [A ; A0] (see `AdapterLayer.exp
 set so that PEFT's scale equals lorakit's. Import reads a plain PEFT LoRA adapter (safetensors only: a pickled
 `adapter_model.bin` is refused), with per-module ranks and alphas from rank_pattern / alpha_pattern, and refuses
 the features lorakit cannot honour.
+
+Inits that rewrite the base (`init_lora_weights`). OLoRA, PiSSA, CorDA and LoRA-GA start from factors (A0, B0) of
+the base and write W − s·B0·A0 into it; an adapter saved without PEFT's conversion holds (A, B) relative to that
+rewritten base, and `PeftModel.from_pretrained` redoes the init on the original base before loading them. Import
+does the same where the init follows from the base alone:
+
+- "olora": lorakit's OLoRA, whose (A0, B0) = (R[:r], Q[:, :r]) of W = QR are recomputed from the base:
+  W x + s·(B A − B0 A0) x.
+- "pissa" (Meng et al., arXiv:2404.02948): W = U Σ Vᵀ (dense SVD in float32, as PEFT), B0 = U_r (Σ_r/s)^½,
+  A0 = (Σ_r/s)^½ V_rᵀ, so s·B0·A0 is the top-r part of W; imported as the exactly equal rank-2r LoRA
+  [B | −B0] [A ; A0] (further training then trains all 2r ranks, and dropout also reaches the −B0 A0 path).
+- refused, naming PEFT's `save_pretrained(..., path_initial_model_for_weight_conversion=...)`, which writes the
+  plain LoRA: "pissa_niter_K" (a randomized SVD that PEFT redraws from the global random state at every load),
+  "corda" (from activation statistics), "lora_ga" (from gradients), "olora" on Conv1D (PEFT factors the stored
+  in × out weight); "loftq" (a quantized base) is refused too.
+- True, False, "gaussian", "orthogonal", "eva" and "mica" leave the base alone: a plain LoRA.
 """
 
 from __future__ import annotations
@@ -156,6 +172,54 @@ def _refuse_unsupported(peft_config: dict, where) -> None:
             raise AdapterFileError(f"{where}: {key} is not supported by lorakit")
 
 
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
+CONVERT = (
+    "re-save it with PEFT as a plain LoRA: save_pretrained(out, path_initial_model_for_weight_conversion=<the "
+    "adapter saved before training>)"
+)
+UNREBUILDABLE = {  # init prefix -> why its rewritten base cannot be rebuilt from the base alone
+    "pissa_niter_": "its base was rewritten by a randomized SVD that PEFT redraws at every load",
+    "corda": "its base was rewritten from activations of calibration data",
+    "lora_ga": "its base was rewritten from gradients on training data",
+}
+
+
+def _init_kind(peft_config: dict, where, fan_in_fan_out: bool) -> str:
+    """"lora", "olora" or "pissa": how the adapter's init_lora_weights is rebuilt; the others are refused."""
+    init = peft_config.get("init_lora_weights", True)
+    if init in PLAIN_INITS and (isinstance(init, bool) or isinstance(init, str)):
+        return "lora"
+    if not isinstance(init, str):
+        raise AdapterFileError(f"{where}: init_lora_weights={init!r} is not one PEFT knows; re-save it with PEFT")
+    text = f"{where}: init_lora_weights={init!r}"
+    if init.lower() == "olora":
+        if fan_in_fan_out:
+            raise AdapterFileError(
+                f"{text} on Conv1D (fan_in_fan_out): PEFT factors the stored in x out weight, which lorakit does not "
+                f"reproduce; {CONVERT}"
+            )
+        return "olora"
+    if init == "pissa":
+        return "pissa"
+    if init == "loftq":
+        raise AdapterFileError(
+            f"{text}: its base was replaced by quantized weights that lorakit does not reproduce; use PEFT with the "
+            "LoftQ base model"
+        )
+    for prefix, why in UNREBUILDABLE.items():
+        if init.startswith(prefix):
+            raise AdapterFileError(f"{text}: {why}, so lorakit cannot rebuild it; {CONVERT}")
+    raise AdapterFileError(f"{text} is unknown to lorakit; {CONVERT}")
+
+
+def pissa_start(weight_linear: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's initial (A0, B0) of W = U Σ Vᵀ (out × in, dense float32 SVD): A0 = (Σ_r/s)^½ V_rᵀ, B0 = U_r (Σ_r/s)^½,
+    so that s·B0·A0 = U_r Σ_r V_rᵀ."""
+    u, sigma, vh = torch.linalg.svd(weight_linear.detach().to(torch.float32), full_matrices=False)
+    root = (sigma[:r] / scale).sqrt()
+    return root[:, None] * vh[:r], u[:, :r] * root
+
+
 def pattern_value(pattern: dict, name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup (`peft.utils.other.get_pattern_key`): the first key that matches
     the end of the module name at a dot boundary, as the regex `(.*\\.)?(key)$`."""
@@ -166,8 +230,10 @@ def pattern_value(pattern: dict, name: str, default):
 
 
 def import_peft(model: nn.Module, directory) -> nn.Module:
-    """Apply a plain PEFT LoRA adapter to `model` as a lorakit "lora" adapter, in place; returns the model."""
+    """Apply a PEFT LoRA adapter to `model` as a lorakit "lora" adapter ("olora" for init_lora_weights="olora"), in
+    place; returns the model. Inits that rewrote the base are rebuilt or refused (module docstring)."""
     peft_config, tensors = _read_peft(directory)
+    kind = _init_kind(peft_config, Path(directory) / PEFT_CONFIG, bool(peft_config.get("fan_in_fan_out")))
     _refuse_unsupported(peft_config, Path(directory) / PEFT_CONFIG)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -203,28 +269,45 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
         groups: dict[tuple, list[str]] = {}  # modules of one (r, alpha) are built together
         for name in sorted(factors):
             groups.setdefault(shapes[name], []).append(name)
+        rslora = bool(peft_config.get("use_rslora", False))
         for (rank, module_alpha), names in groups.items():
+            # PiSSA comes in as a rank-2r LoRA of the same scale s = alpha / r (alpha / √r with rsLoRA)
+            built = 2 * rank if kind == "pissa" else rank
+            scale = module_alpha / (math.sqrt(rank) if rslora else rank)
             config = AdapterConfig(
-                method="lora",
-                r=rank,
-                alpha=float(module_alpha),
-                rslora=bool(peft_config.get("use_rslora", False)),
+                method="olora" if kind == "olora" else "lora",
+                r=built,
+                alpha=float(module_alpha) if built == rank else scale * (math.sqrt(built) if rslora else built),
+                rslora=rslora,
                 dropout=float(peft_config.get("lora_dropout") or 0.0),
                 targets=sorted(factors),
             )
             configs.update(dict.fromkeys(names, config))
-            layers.update(build_layers(model, dataclasses.replace(config, targets=names), initialize=False))
+            # OLoRA's initialize() computes (A0, B0) from the base, as PEFT's init does on load
+            exact = dataclasses.replace(config, targets=names)
+            layers.update(build_layers(model, exact, initialize=kind == "olora"))
     except ConfigError as exc:
         raise AdapterFileError(f"PEFT adapter at {directory} does not fit this model: {exc}") from None
     layers = {name: layers[name] for name in sorted(factors)}
     for name, layer in layers.items():
         a, b = factors[name]["lora_A"], factors[name]["lora_B"]
-        if a.shape != layer.A.shape or b.shape != layer.B.shape:
+        rank = shapes[name][0]
+        need_a, need_b = (rank, layer.in_features), (layer.out_features, rank)
+        if tuple(a.shape) != need_a or tuple(b.shape) != need_b:
             raise AdapterFileError(
-                f"{directory}: module {name} has A {tuple(a.shape)} / B {tuple(b.shape)}, the model needs {tuple(layer.A.shape)} / {tuple(layer.B.shape)}"
+                f"{directory}: module {name} has A {tuple(a.shape)} / B {tuple(b.shape)}, the model needs {need_a} / {need_b}"
             )
     install(model, layers)
     for name, layer in layers.items():
         layer.config = configs[name]
-        layer.load_tensors({"A": factors[name]["lora_A"], "B": factors[name]["lora_B"]})
+        a, b = factors[name]["lora_A"], factors[name]["lora_B"]
+        if kind == "olora":  # the trained factors; A0, B0 stay as recomputed from the base
+            with torch.no_grad():
+                layer.A.copy_(a)
+                layer.B.copy_(b)
+            continue
+        if kind == "pissa":
+            a0, b0 = pissa_start(layer.base_weight_linear(), shapes[name][0], layer.scale)
+            a, b = torch.cat([a.to(a0), a0]), torch.cat([b.to(b0), -b0], dim=1)
+        layer.load_tensors({"A": a, "B": b})
     return model

@@ -1,10 +1,13 @@
 """Adapter files: `DIR/adapter.safetensors` (tensors) + `DIR/adapter.json` (everything else).
 
-Only what cannot be regenerated is stored (each method's `stored` tensors): LoRA A, B; OLoRA A, B, A0, B0;
+Only what cannot be regenerated is stored (each method's `stored` tensors): LoRA A, B; OLoRA A, B (its A0, B0 are
+recomputed from the base; older files that hold them too are still read, with their A0, B0 as saved);
 LoRA-Mini A_in, B_in (outer matrices come back from the seed, or from the base weight for mini_outer="qr").
 adapter.json records the config, the format version, per-module shapes, a fingerprint of each adapted module's
 ORIGINAL base weight (`lorakit.fingerprint`), and the sha256 of the tensor file, so a truncated, corrupt or
-mismatched pair is refused. Nothing is ever unpickled. Every check runs before the base model is touched.
+mismatched pair is refused. Nothing is ever unpickled. Every check runs before the base model is touched. Methods
+that rebuild frozen factors from the base on load also record a sketch of each module's update ("update_sketch",
+`lorakit.fingerprint`), against which the rebuilt update is checked.
 
 Per-module ranks (format version 3): the top-level config holds the most common (r, alpha); a module whose rank
 or alpha differs carries its own "r" and "alpha" (XGBLoRA's and IncreLoRA's adapters: every module its own rank,
@@ -44,7 +47,19 @@ from .atomic import prepare_directory, replace_file, write_bytes, write_json
 from .base_layers import frozen_base
 from .config import AdapterConfig
 from .errors import AdapterFileError, BaseModelMismatchError, ConfigError
-from .fingerprint import DIFFERENT, SAME_OTHER_DTYPE, Fingerprint, frozen_fingerprint, is_quantized, tolerance
+from .fingerprint import (
+    DIFFERENT,
+    RECOMPUTE_TOLERANCE,
+    SAME_OTHER_DTYPE,
+    Fingerprint,
+    frozen_fingerprint,
+    is_quantized,
+    sketch_change,
+    sketch_from_json,
+    sketch_to_json,
+    tolerance,
+    update_sketch,
+)
 from .inject import (
     SHARED,
     _require_adapted,
@@ -97,6 +112,11 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
             modules[name]["base_quantization"] = settings
         if (layer.config.r, layer.config.alpha) != (config.r, config.alpha):
             modules[name].update(r=layer.config.r, alpha=layer.config.alpha)
+        if layer.file_fields():
+            modules[name]["fields"] = layer.file_fields()
+        recomputed = layer.recomputed_factors()
+        if recomputed is not None:  # checked when the factors are rebuilt on load (`lorakit.fingerprint`)
+            modules[name]["update_sketch"] = sketch_to_json(update_sketch(*recomputed, layer.scale))
     shared, shared_info = shared_parameters(model) if own else None, None
     if shared is not None:  # stored once, not per layer
         stored = {key: value.detach().to("cpu").contiguous() for key, value in shared.stored_tensors().items()}
@@ -282,6 +302,11 @@ def _validate_module(name, info, fail) -> None:
     for key, shape in info["tensors"].items():
         if not (isinstance(shape, list) and all(isinstance(d, int) and 0 < d <= MAX_DIM for d in shape)):
             fail(f"module {name!r} tensor {key!r} has an invalid shape")
+    if "update_sketch" in info:
+        try:
+            sketch_from_json(info["update_sketch"])
+        except (ValueError, TypeError) as exc:
+            fail(f"module {name!r} has an invalid 'update_sketch' ({exc})")
     rank, alpha = info.get("r", 1), info.get("alpha", 1.0)
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank <= MAX_DIM:
         fail(f"module {name!r} field 'r' must be an integer in 1..{MAX_DIM}")
@@ -314,6 +339,29 @@ def check_base(
     The same weights in another floating dtype give one warning; a restored base (merge + unmerge) passes; other
     weights are refused (`strict=False`: a warning). Shapes must always match.
     """
+    current, other_dtype = _compare_base(model, metadata, config, strict=strict)
+    if other_dtype:
+        warnings.warn(_dtype_message(*other_dtype), stacklevel=3)
+    return current
+
+
+def _dtype_message(saved_dtype: str, now_dtype: str, largest: float = 0.0, modules: int = 1) -> str:
+    if is_quantized(saved_dtype) or is_quantized(now_dtype):
+        return (
+            f"the adapter was trained on a {saved_dtype} base and this base is {now_dtype}: the same model, whose "
+            f"weights differ by the quantization (up to {largest:.1e} relative in the checked samples of {modules} "
+            "modules); outputs differ from training by that quantization error"
+        )
+    return (
+        f"the adapter was trained on a {saved_dtype} base and this base is {now_dtype} (the same weights within "
+        f"{tolerance(saved_dtype, now_dtype):.1e} relative): outputs differ from training by that rounding"
+    )
+
+
+def _compare_base(
+    model: nn.Module, metadata: dict, config: AdapterConfig, *, strict: bool
+) -> tuple[dict[str, Fingerprint], tuple | None]:
+    """`check_base` without its dtype warning: (current fingerprints, (saved dtype, current dtype) or None)."""
     named = dict(model.named_modules())
     current, different, other_dtype = {}, [], []
     for name, info in metadata["modules"].items():
@@ -371,24 +419,42 @@ def check_base(
             ),
             stacklevel=3,
         )
+    if not other_dtype:
+        return current, None
     quantized = [entry for entry in other_dtype if is_quantized(entry[0]) or is_quantized(entry[1])]
     if quantized:
-        saved_dtype, now_dtype, _ = quantized[0]
-        largest = max(entry[2] for entry in quantized)
-        warnings.warn(
-            f"the adapter was trained on a {saved_dtype} base and this base is {now_dtype}: the same model, whose "
-            f"weights differ by the quantization (up to {largest:.1e} relative in the checked samples of "
-            f"{len(quantized)} modules); outputs differ from training by that quantization error",
-            stacklevel=3,
+        return current, (quantized[0][0], quantized[0][1], max(e[2] for e in quantized), len(quantized))
+    return current, other_dtype[0][:2]
+
+
+def check_recomputed(layers: dict, metadata: dict, *, strict: bool = True) -> tuple[str, float] | None:
+    """Compare the update of factors rebuilt from the base (LoRA-XS, LoRA-Mini "qr", OLoRA) with the sketch the file
+    holds (`lorakit.fingerprint`); returns (module, relative change) of the largest change, or None (nothing to
+    check). Past RECOMPUTE_TOLERANCE: refused, or with `strict=False` a warning stating the change."""
+    changes = {}
+    for name, layer in layers.items():
+        saved = metadata["modules"][name].get("update_sketch")
+        recomputed = layer.recomputed_factors()
+        if saved is not None and recomputed is not None:
+            changes[name] = sketch_change(sketch_from_json(saved), update_sketch(*recomputed, layer.scale))
+    if not changes:
+        return None
+    worst = max(changes, key=changes.get)
+    past = sum(change > RECOMPUTE_TOLERANCE for change in changes.values())
+    if past:
+        method, dtype = layers[worst].method, metadata["modules"][worst]["base_dtype"]
+        message = (
+            f"{method} rebuilds frozen factors from the base weights, and from this base they change "
+            f"{layers[worst].recomputed_part} of {worst} by about {changes[worst]:.0%} ({past} of {len(changes)} "
+            f"modules past {RECOMPUTE_TOLERANCE:.0%})"
         )
-    elif other_dtype:
-        saved_dtype, now_dtype, _ = other_dtype[0]
-        warnings.warn(
-            f"the adapter was trained on a {saved_dtype} base and this base is {now_dtype} (the same weights within "
-            f"{tolerance(saved_dtype, now_dtype):.1e} relative): outputs differ from training by that rounding",
-            stacklevel=3,
-        )
-    return current
+        if strict:
+            raise BaseModelMismatchError(
+                f"{message}; load it onto the {dtype} base it was trained on (or merge or export it there), or pass "
+                "strict=False (CLI: --no-strict) to apply it anyway"
+            )
+        warnings.warn(f"{message}; applying it anyway", stacklevel=3)
+    return worst, changes[worst]
 
 
 # The same weights quantized here and where the adapter was trained (another device, another bitsandbytes build) may
@@ -415,12 +481,13 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
     metadata, config, tensors = read_adapter(directory)
     if any(True for _ in adapter_layers(model)):
         raise ConfigError("the model already has adapters; load the adapter onto a fresh base model")
-    fingerprints = check_base(model, metadata, config, strict=strict)
+    fingerprints, other_dtype = _compare_base(model, metadata, config, strict=strict)
     layer_cls = METHODS[config.method]
     configs = {name: module_config(config, info) for name, info in metadata["modules"].items()}
     for name, info in metadata["modules"].items():
         expected = layer_cls.stored_shapes(configs[name], info["in"], info["out"])
-        if {key: tuple(shape) for key, shape in info["tensors"].items()} != expected:
+        saved = {key: tuple(shape) for key, shape in info["tensors"].items()}
+        if not layer_cls.accepts_file_shapes(configs[name], info["in"], info["out"], saved):
             raise AdapterFileError(
                 f"{directory}: module {name} tensors do not fit the config {expected}; save it again"
             )
@@ -442,10 +509,30 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
         raise AdapterFileError(
             f"{directory}: shared tensors {saved_shared} do not fit the config {wanted}; save it again"
         )
-    install(model, layers)
     if shared is not None:
         shared.load_tensors({key: tensors[f"{SHARED}.{key}"] for key in shared.stored})
     for name, layer in layers.items():
         layer.config = configs[name]
-        layer.load_tensors({key: tensors[f"{name}.{key}"] for key in layer.stored})
+        try:
+            layer.load_file_fields(metadata["modules"][name].get("fields") or {})
+        except (ValueError, TypeError) as exc:
+            raise AdapterFileError(f"{directory}: module {name} has invalid 'fields' ({exc}); save it again") from None
+        layer.load_tensors({key: tensors[f"{name}.{key}"] for key in metadata["modules"][name]["tensors"]})
+    recomputed = check_recomputed(layers, metadata, strict=strict)  # before the model is touched
+    if other_dtype:
+        message = _dtype_message(*other_dtype)
+        if recomputed is not None:
+            layer = layers[recomputed[0]]
+            message += (
+                f", and {layer.method}'s factors rebuilt from it change {layer.recomputed_part} by up to about "
+                f"{recomputed[1]:.2%}"
+            )
+        elif any(layer.recomputed_factors() is not None for layer in layers.values()):
+            method = next(iter(layers.values())).method
+            message += (
+                f", and {method}'s frozen factors are rebuilt from it by an amount this file (saved before lorakit "
+                "checked it) cannot tell; re-save it on the base it was trained on to have it checked"
+            )
+        warnings.warn(message, stacklevel=2)
+    install(model, layers)
     return model

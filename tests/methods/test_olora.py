@@ -130,3 +130,81 @@ def test_writing_the_residual_into_a_bf16_base_would_change_the_output_at_init(i
     x = x.to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(layer(x), layer.base_layer(x))  # lorakit: the base's output, bit for bit
+
+
+def _olora_and_lora_files(tmp_path, base):
+    files = {}
+    for method in ("olora", "lora"):
+        model = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(method=method, r=4, alpha=8))
+        perturb_adapters(model)
+        files[method] = (lorakit.save_adapter(model, tmp_path / method), model)
+    return files
+
+
+def test_file_stores_a_and_b_only_and_has_loras_size(tmp_path, inputs):
+    """A0, B0 follow from the base (thin QR of W[:, :r]), so the file holds LoRA's tensors and LoRA's size; a load
+    recomputes them, giving the trained model bit for bit."""
+    import json
+
+    base = tiny_llama()
+    files = _olora_and_lora_files(tmp_path, base)
+    path, trained = files["olora"]
+    meta = json.loads((path / "adapter.json").read_text())
+    assert {key for info in meta["modules"].values() for key in info["tensors"]} == {"A", "B"}
+    sizes = {method: (p / "adapter.safetensors").stat().st_size for method, (p, _) in files.items()}
+    assert sizes["olora"] == sizes["lora"], sizes
+    loaded = lorakit.load_adapter(fresh_copy(base), path)
+    assert torch.equal(model_output(loaded, inputs), model_output(trained, inputs))
+    ours, theirs = dict(lorakit.adapter_layers(loaded)), dict(lorakit.adapter_layers(trained))
+    assert all(torch.equal(ours[n].A0, theirs[n].A0) and torch.equal(ours[n].B0, theirs[n].B0) for n in ours)
+
+
+def _write_old_layout(path, model):
+    """Rewrite a saved OLoRA adapter as lorakit wrote it before A0, B0 were recomputed: A, B, A0, B0 per module in
+    the tensor file (and adapter.json), no update sketch."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save
+
+    tensors = load_file(str(path / "adapter.safetensors"))
+    meta = json.loads((path / "adapter.json").read_text())
+    layers = dict(lorakit.adapter_layers(model))
+    for name, info in meta["modules"].items():
+        info.pop("update_sketch")
+        for key in ("A0", "B0"):
+            tensors[f"{name}.{key}"] = getattr(layers[name], key).detach().clone()
+            info["tensors"][key] = list(tensors[f"{name}.{key}"].shape)
+    blob = save(tensors, metadata={"format": "lorakit-adapter"})
+    (path / "adapter.safetensors").write_bytes(blob)
+    meta["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+    (path / "adapter.json").write_text(json.dumps(meta))
+    return tensors
+
+
+def test_files_of_the_old_layout_still_load(tmp_path, inputs):
+    base = tiny_llama()
+    path, trained = _olora_and_lora_files(tmp_path, base)["olora"]
+    _write_old_layout(path, trained)
+    expected = model_output(trained, inputs)
+    loaded = lorakit.load_adapter(fresh_copy(base), path)
+    assert torch.equal(model_output(loaded, inputs), expected)
+    resumed = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(method="olora", r=4, alpha=8))
+    lorakit.integrations.hf.load_adapter_into(resumed, path)  # the Trainer integration reads it too
+    assert torch.equal(model_output(resumed, inputs), expected)
+    lorakit.save_adapter(loaded, tmp_path / "again")  # written again in the new layout, A and B only
+    assert torch.equal(model_output(lorakit.load_adapter(fresh_copy(base), tmp_path / "again"), inputs), expected)
+
+
+def test_an_old_files_a0_b0_are_used_as_saved(tmp_path, inputs):
+    """An old file's A0, B0 are what it was trained with (on other hardware they may differ in the last bits from
+    this machine's QR): they are used, not recomputed."""
+    base = tiny_llama()
+    path, trained = _olora_and_lora_files(tmp_path, base)["olora"]
+    name = "model.layers.1.mlp.up_proj"
+    with torch.no_grad():
+        dict(lorakit.adapter_layers(trained))[name].A0.mul_(1.001)
+    tensors = _write_old_layout(path, trained)
+    loaded = lorakit.load_adapter(fresh_copy(base), path)
+    assert torch.equal(dict(lorakit.adapter_layers(loaded))[name].A0, tensors[f"{name}.A0"])
+    assert torch.equal(model_output(loaded, inputs), model_output(trained, inputs))

@@ -343,9 +343,10 @@ def check_adapter(model, layers, saved: AdapterConfig, modules: dict, shared_inf
     expected = {}
     for name, layer in layers:
         own = {key: tuple(value.shape) for key, value in layer.stored_tensors().items()}
-        if {key: tuple(shape) for key, shape in modules[name]["tensors"].items()} != own:
+        saved_shapes = {key: tuple(shape) for key, shape in modules[name]["tensors"].items()}
+        if not type(layer).accepts_file_shapes(layer.config, layer.in_features, layer.out_features, saved_shapes):
             raise AdapterFileError(f"{where}: the tensors of module {name} do not fit the model's layer {own}")
-        expected.update({f"{name}.{key}": shape for key, shape in own.items()})
+        expected.update({f"{name}.{key}": shape for key, shape in saved_shapes.items()})
     shared = shared_parameters(model)
     own_shared = {} if shared is None else {k: tuple(v.shape) for k, v in shared.stored_tensors().items()}
     saved_shared = {k: tuple(s) for k, s in ((shared_info or {}).get("tensors") or {}).items()}
@@ -406,7 +407,9 @@ def load_into_layers(model: nn.Module, layers, tensors: dict[str, torch.Tensor])
     if shared is not None:
         shared.load_tensors({key: tensors[f"{SHARED}.{key}"] for key in shared.stored})
     for name, layer in layers:
-        layer.load_tensors({key: tensors[f"{name}.{key}"] for key in layer.stored})
+        prefix = f"{name}."
+        own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        layer.load_tensors({key: value for key, value in own.items() if "." not in key})
 
 
 def load_adapter_into(model: nn.Module, directory, *, strict: bool = True) -> nn.Module:

@@ -103,3 +103,6 @@ class MiniLayer(AdapterLayer):
 
     def factors(self):
         return self.A_in @ self.A_out, self.B_out @ self.B_in
+
+    def recomputed_factors(self):
+        return self.factors() if self.config.mini_outer == "qr" else None

@@ -19,6 +19,12 @@ check sees the original weight, and export to plain LoRA is the same rank-2r [B 
 adapter FLOPs (+~4% of a SmolLM2 layer's at r=16). Learning rate: about 9x below LoRA's (the reproduction's
 sweeps, docs/reproduction.md: 1e-4 vs 9e-4 and 3e-4 vs 2.7e-3); the paper reports faster convergence than LoRA at
 equal rank.
+
+Files store A and B only (LoRA's size): A0, B0 are non-persistent buffers recomputed from the base weight whenever
+the layer is built (adapt, load), as LoRA-XS recomputes its SVD, so an adapter belongs on its original base. A file
+keeps a sketch of s·B0·A0, and a load onto the base in another dtype checks the recomputed factors against it
+(`lorakit.fingerprint`; fp32 -> bf16 on a tiny Llama: 0.3%). Files of earlier versions, which hold A0 and B0, are
+still read, with A0 and B0 as saved.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ class OLoraLayer(AdapterLayer):
     method = "olora"
     init_ignored = "A and B start from the QR decomposition of the frozen weight"
     trainable = ("A", "B")
-    stored = ("A", "B", "A0", "B0")
+    stored = ("A", "B")
+    recomputed_part = "s·B0·A0"
 
     @classmethod
     def check_layer(cls, config, name, in_features, out_features):
@@ -55,22 +62,34 @@ class OLoraLayer(AdapterLayer):
 
     @classmethod
     def stored_shapes(cls, config, in_features, out_features):
-        factor_shapes = {"A": (config.r, in_features), "B": (out_features, config.r)}
-        return factor_shapes | {f"{key}0": shape for key, shape in factor_shapes.items()}
+        return {"A": (config.r, in_features), "B": (out_features, config.r)}
+
+    @classmethod
+    def legacy_shapes(cls, config, in_features, out_features):
+        return {"A0": (config.r, in_features), "B0": (out_features, config.r)}  # files of earlier versions
 
     def build(self) -> None:
         self.A = self.new_parameter(torch.zeros(self.r, self.in_features))
         self.B = self.new_parameter(torch.zeros(self.out_features, self.r))
-        self.new_buffer("A0", torch.zeros(self.r, self.in_features))
-        self.new_buffer("B0", torch.zeros(self.out_features, self.r))
+        a0, b0 = olora_factors(self.base_weight_linear().detach(), self.r)
+        device = self.base_layer.weight.device
+        for name, tensor in (("A0", a0), ("B0", b0)):
+            self.register_buffer(name, tensor.to(device, self.factor_dtype).contiguous(), persistent=False)
 
     @torch.no_grad()
     def initialize(self) -> None:
-        a, b = olora_factors(self.base_weight_linear(), self.r)
-        for target in (self.A, self.A0):
-            target.copy_(a)
-        for target in (self.B, self.B0):
-            target.copy_(b)
+        self.A.copy_(self.A0)
+        self.B.copy_(self.B0)
+
+    def load_tensors(self, tensors):
+        if "A0" in tensors:  # an earlier version's file: the initial factors as saved
+            with torch.no_grad():
+                self.A0.copy_(tensors["A0"])
+                self.B0.copy_(tensors["B0"])
+        super().load_tensors(tensors)
+
+    def recomputed_factors(self):
+        return self.A0, self.B0
 
     def factors(self):
         return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
