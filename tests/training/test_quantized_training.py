@@ -85,8 +85,25 @@ def test_quantized_training_records_its_base_and_reloads(tiny_model_dir, instruc
         quantized = lorakit.load_adapter(
             quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "nf4"), out / "adapter"
         )
-    with pytest.warns(UserWarning, match="trained on a nf4 base and this base is float32"):
+    # OLoRA's A0, B0 come from the base weight: rebuilt from the float32 weight they are another model (a LoRA adapter
+    # loads there with one warning, tests/test_base_layers.py)
+    with pytest.raises(lorakit.BaseModelMismatchError, match="load it onto the nf4 base it was trained on"):
         lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+    # lorakit eval rebuilds the base the adapter was trained on: no dtype warning, and the loss of that model
+    evaluated = subprocess.run(
+        LORAKIT + ["eval", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"), "--data",
+                   str(instruction_file), "--limit", "8"], capture_output=True, text=True, check=True,
+    )
+    assert "the adapter was trained on a nf4 base; quantized" in evaluated.stderr
+    assert "this base is float32" not in evaluated.stderr
+    from lorakit.models import load_model
+    from lorakit.training.evaluate import evaluate_loss
+    from lorakit.data import load_examples
+
+    _, tokenizer = load_model(str(tiny_model_dir))
+    examples, _ = load_examples(str(instruction_file), tokenizer, 256)
+    expected = evaluate_loss(quantized, examples[:8], 4, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    assert abs(json.loads(evaluated.stdout.strip().splitlines()[-1])["eval_loss"] - expected["eval_loss"]) <= 1e-6
     # lorakit merge: the full-precision model of the dequantized nf4 weights plus the update
     merged_dir = tmp_path / "merged"
     run = subprocess.run(
