@@ -96,9 +96,9 @@ def test_quantized_training_records_its_base_and_reloads(tiny_model_dir, instruc
     )
     assert "the adapter was trained on a nf4 base; quantized" in evaluated.stderr
     assert "this base is float32" not in evaluated.stderr
+    from lorakit.data import load_examples
     from lorakit.models import load_model
     from lorakit.training.evaluate import evaluate_loss
-    from lorakit.data import load_examples
 
     _, tokenizer = load_model(str(tiny_model_dir))
     examples, _ = load_examples(str(instruction_file), tokenizer, 256)
