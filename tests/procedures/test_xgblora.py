@@ -4,6 +4,7 @@ figure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections import Counter
@@ -21,7 +22,7 @@ from lorakit.optim import LoraRite
 from lorakit.procedures import PROCEDURES, parse_procedure
 from lorakit.procedures.base import TrainingState
 from lorakit.procedures.xgblora import XGBLora, picked_blocks
-from lorakit.training import TrainConfig, train
+from lorakit.training import TrainConfig, distributed, train
 
 
 def adapted(blocks=4, variant="lora", dtype=torch.float32, **config):
@@ -130,15 +131,17 @@ def test_regulariser_gradient_is_exact(inputs, loss_scale):
     perturb_adapters(model)
     reference = fresh_copy(model)
     xgb = XGBLora({"layers": 2, "lam": lam})
-    # fp16 (Accelerate): the optimizer carries the GradScaler, and the gradients are scaled until its step
+    # fp16 (Accelerate): the optimizer carries the GradScaler; both loops unscale before after_backward (lorakit
+    # train explicitly, the Trainer through its gradient norm)
     scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale) if loss_scale else None
-    moment = TrainingState(model, SimpleNamespace(scaler=scaler), None, 0, 4, 0)
+    optimizer = torch.optim.AdamW(trainable_parameters(model))
+    moment = TrainingState(model, SimpleNamespace(scaler=scaler, param_groups=optimizer.param_groups), None, 0, 4, 0)
     xgb.on_train_begin(moment)
-    (model_output(model, inputs).square().mean() * (loss_scale or 1.0)).backward()
+    loss = model_output(model, inputs).square().mean()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     xgb.after_backward(moment)
-    for param in trainable_parameters(model):
-        if param.grad is not None:
-            param.grad /= loss_scale or 1.0  # what the optimizer step's unscale does
     # autograd of loss + λ(‖A‖² + ‖B‖²) over the picked layers' factors
     penalty = sum(
         layer.A.square().sum() + layer.B.square().sum()
@@ -229,6 +232,43 @@ def test_final_adapter_ranks_reload_and_peft_export(tmp_path, inputs):
     back = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")  # and back, ranks and all
     assert {name: layer.r for name, layer in lorakit.adapter_layers(back)} == saved_ranks
     torch.testing.assert_close(model_output(back, inputs), trained, atol=1e-5, rtol=1e-5)
+
+
+class ScaledRuntime(distributed.AccelerateRuntime):
+    """Accelerate's native fp16 loss scaling with a CPU GradScaler (scale 1024); the forward stays float32 (no fp16
+    autocast on CPU), so the run differs from one without the scaler only in the scaling."""
+
+    def __init__(self, precision):
+        super().__init__(precision)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # handed to the optimizer's wrapper
+
+    def prepare(self, model, optimizer):
+        prepared = super().prepare(model, optimizer)
+        self.accelerator.native_amp = True  # after prepare (no autocast wrapper): unscale_gradients now acts
+        return prepared
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def test_fp16_loss_scale_leaves_the_regulariser_at_its_weight(tiny_model_dir, instruction_file, tmp_path, monkeypatch):
+    settings = dict(
+        model=str(tiny_model_dir),
+        data=str(instruction_file),
+        procedure="xgblora:rounds=1,layers=1,lam=0.001",
+        steps=6,
+        batch_size=2,
+        rank=2,
+        lr=1e-2,
+        max_length=64,
+        quiet=True,
+        precision="fp16",  # on CPU: no scaler, float32 compute
+    )
+    train(TrainConfig(out=str(tmp_path / "plain"), **settings))
+    monkeypatch.setattr(distributed, "AccelerateRuntime", ScaledRuntime)
+    train(TrainConfig(out=str(tmp_path / "scaled"), **settings))
+    one, two = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("plain", "scaled"))
+    assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-6
 
 
 def test_trainable_per_round_in_the_summary(tiny_model_dir, instruction_file, tmp_path):

@@ -32,8 +32,9 @@ How it fits lorakit (the paper attaches adapters to the picked layers only, and 
 - The regulariser is added exactly as its gradient in `after_backward`: grad += 2λ·p for each trained parameter of
   the picked layers (for LoRA the paper's A and B; for other low-rank methods their trained tensors, e.g. LoRA-XS's
   R). The loss is the token mean over the global batch and gradients are already averaged over the processes when
-  `after_backward` runs, so every process adds the same term, once per optimizer step (times the loss scale
-  under --precision fp16, whose gradients are unscaled only in the optimizer step).
+  `after_backward` runs, so every process adds the same term, once per optimizer step. The gradients are at
+  their true scale there in both loops (under fp16 the loop, and inside the Trainer its gradient norm, has
+  unscaled them), so 2λ·p is added as is.
 - Folding (Eq. 8, W_t = W_{t-1} + α_t·ΔW_t) keeps the booster as exact frozen low-rank factors beside W (the
   layer's `frozen_links`, as in `lorakit.procedures.cola`): W is never written, so nothing is rounded into a bf16
   weight, and the base stays bit-identical. Every round's booster is folded, the last one too (at the final step),
@@ -222,10 +223,7 @@ class XGBLora(Procedure):
     def after_backward(self, state: TrainingState) -> None:
         if self.picks is None:
             self.before_step(state)
-        # under fp16 the gradients are still multiplied by the loss scale here (Accelerate unscales in step())
-        scaler = getattr(state.optimizer, "scaler", None)
-        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-        twice_lam = 2.0 * self.settings["lam"] * scale
+        twice_lam = 2.0 * self.settings["lam"]  # the gradients are unscaled here (fp16: see procedures.base)
         for name, layer in adapter_layers(state.model):
             params = layer.trainable_parameters().values()
             if name not in self.picks:

@@ -253,6 +253,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
                     f"non-finite loss ({step_loss}) at step {step + 1}; training stopped, {where}; lower --lr"
                 )
             if procedure is not None:
+                runtime.unscale_gradients(optimizer)  # fp16: the procedure sees true gradients, as in the Trainer
                 procedure.after_backward(moment)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
