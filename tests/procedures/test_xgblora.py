@@ -159,6 +159,53 @@ def test_regulariser_gradient_is_exact(inputs, loss_scale):
                 assert param.grad is None
 
 
+def regulariser_steps(model, lam: float, steps: int, lr: float = 1e-2) -> None:
+    """`steps` optimizer steps on the regulariser alone: the task gradient is 0 (loss = 0 · output), no weight decay."""
+    xgb = XGBLora({"rounds": 1, "layers": 2, "lam": lam})  # one round, both blocks of the 2-block model
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
+    moment = TrainingState(model, optimizer, None, 0, steps + 1, 0)  # the round ends after the steps
+    xgb.on_train_begin(moment)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    for step in range(steps):
+        moment.step = step
+        xgb.before_step(moment)
+        (model_output(model, ids).sum() * 0.0).backward()
+        xgb.after_backward(moment)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        xgb.after_optimizer_step(moment)
+
+
+def update_ratio(model) -> float:
+    """max over layers of ‖s·ΔW‖ / ‖W‖."""
+    norm = torch.linalg.matrix_norm
+    return max(
+        (norm(layer.delta_linear().double()) / norm(layer.base_layer.weight.double())).item()
+        for _, layer in lorakit.adapter_layers(model)
+    )
+
+
+@pytest.mark.parametrize("variant", ["lora", "olora", "loraxs", "mini-orthonormal"])
+def test_the_regulariser_alone_keeps_the_update_at_zero(variant):
+    """λ(‖A‖² + ‖B‖²) is smallest at ΔW = −s·B0·A0 for OLoRA: its booster is regularised as A − A0, B − B0."""
+    _, model = adapted(blocks=2, variant=variant, r=2)
+    assert update_ratio(model) <= 1e-6  # OLoRA: 6.4e-8, the rounding of s·(B0·A0 − B0·A0)
+    before = snapshot(model)
+    regulariser_steps(model, lam=1e-3, steps=10)
+    assert update_ratio(model) <= 1e-6  # the old OLoRA regulariser (λ‖A‖² + λ‖B‖²): 2.09
+    if variant in ("lora", "mini-orthonormal"):  # A (A_in) is not at the minimum: the regulariser did act
+        assert any(not torch.equal(value, before[key]) for key, value in snapshot(model).items())
+
+
+def test_the_regulariser_pulls_an_olora_booster_back_to_its_start():
+    _, model = adapted(blocks=2, variant="olora", r=2)
+    perturb_adapters(model)
+    offsets = {name: (layer.A - layer.A0).norm().item() for name, layer in lorakit.adapter_layers(model)}
+    regulariser_steps(model, lam=1e-3, steps=10, lr=1e-3)
+    for name, layer in lorakit.adapter_layers(model):
+        assert (layer.A - layer.A0).norm().item() < offsets[name]
+
+
 @pytest.mark.parametrize("variant", ["lora", "olora", "loraxs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_folding_keeps_the_model_and_the_base_weights(variant, dtype, inputs):

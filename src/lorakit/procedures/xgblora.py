@@ -8,7 +8,8 @@ iterations t = 1..T). In round t:
    random, from a generator seeded by (seed, t): the same blocks on every process, on resume, in every run with
    that seed. Only their adapter layers form round t's booster;
 2. the booster trains on the current model (the base plus every earlier booster) for the round's steps, on the
-   loss plus the regulariser of the paper's Eq. 7, λ(‖A‖² + ‖B‖²) over the booster's factors;
+   loss plus the regulariser of the paper's Eq. 7, λ(‖A‖² + ‖B‖²) over the booster's factors (OLoRA:
+   λ(‖A − A0‖² + ‖B − B0‖²), see below);
 3. the booster is folded into the model with the step size α_t of Eq. 8 (option `shrinkage`, default 1: the
    whole booster), and the next round starts with fresh boosters (B = 0, so the output does not jump) and a fresh
    optimizer state (Adam's moments and step count: every booster is a new weak learner).
@@ -31,7 +32,10 @@ How it fits lorakit (the paper attaches adapters to the picked layers only, and 
   processes before being dropped, so every process holds the same parameters.
 - The regulariser is added exactly as its gradient in `after_backward`: grad += 2λ·p for each trained parameter of
   the picked layers (for LoRA the paper's A and B; for other low-rank methods their trained tensors, e.g. LoRA-XS's
-  R). The loss is the token mean over the global batch and gradients are already averaged over the processes when
+  R). The regulariser is smallest where the booster's ΔW is 0: for every method but OLoRA that is at 0 (B = 0
+  or R = 0 at init); an OLoRA booster starts at (A0, B0) with ΔW = s·(B·A − B0·A0), so there λ(‖A‖² + ‖B‖²)
+  would pull ΔW towards −s·B0·A0, and lorakit regularises the update instead: grad += 2λ·(p − p0), p0 = A0, B0.
+  The loss is the token mean over the global batch and gradients are already averaged over the processes when
   `after_backward` runs, so every process adds the same term, once per optimizer step. The gradients are at
   their true scale there in both loops (under fp16 the loop, and inside the Trainer its gradient norm, has
   unscaled them), so 2λ·p is added as is.
@@ -88,6 +92,14 @@ def picked_blocks(seed: int, round_index: int, blocks: int, layers: int) -> list
     return sorted(order[:layers].tolist())
 
 
+def regulariser_origin(layer) -> dict[str, torch.Tensor]:
+    """The trained tensors' values where the booster's ΔW is 0 and its regulariser is smallest: OLoRA's (A0, B0)
+    (ΔW = s·(B·A − B0·A0)); absent (0) for every other method."""
+    if layer.method == "olora":
+        return {"A": layer.A0, "B": layer.B0}
+    return {}
+
+
 def booster_factors(layer, shrinkage: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, α·s·B) of the layer's live booster, copied (the next round re-initialises the parameters)."""
     a, b = (t.detach().to(layer.factor_dtype, copy=True) for t in layer.export_factors())
@@ -103,7 +115,10 @@ class XGBLora(Procedure):
             0, int, "steps per round κ (0: --steps / rounds); the last round may be shorter", minimum=0
         ),
         "layers": Option(1, int, "transformer blocks L_s trained per round, drawn from (seed, round)", minimum=1),
-        "lam": Option(1e-3, float, "λ of the regulariser λ(‖A‖² + ‖B‖²) on each round's factors", minimum=0.0),
+        "lam": Option(
+            1e-3, float, "λ of the regulariser λ(‖A‖² + ‖B‖²) on each round's factors (OLoRA: A − A0, B − B0)",
+            minimum=0.0,
+        ),
         "shrinkage": Option(
             1.0, float, "α_t: fraction of each round's booster folded in (Eq. 8)", minimum=0.0, maximum=1.0
         ),
@@ -230,10 +245,13 @@ class XGBLora(Procedure):
                 for param in params:
                     param.grad = None  # skipped by the optimizer: no moments, no step, no weight decay
             elif twice_lam:
-                for param in params:  # d/dp λ‖p‖² = 2λp, added once to the global-mean gradient
+                origin = regulariser_origin(layer)
+                for key, param in layer.trainable_parameters().items():
+                    # d/dp λ‖p − p0‖² = 2λ(p − p0), added once to the global-mean gradient
                     if param.grad is None:
                         param.grad = torch.zeros_like(param)
-                    param.grad.add_(param.detach(), alpha=twice_lam)
+                    offset = param.detach() if key not in origin else param.detach() - origin[key].to(param.dtype)
+                    param.grad.add_(offset, alpha=twice_lam)
 
     def after_optimizer_step(self, state: TrainingState) -> None:
         done = state.step + 1
