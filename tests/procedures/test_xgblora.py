@@ -123,14 +123,14 @@ def test_only_the_picked_blocks_train(optimizer):
     assert seen["changed"] > 0
 
 
-@pytest.mark.parametrize("loss_scale", [None, 1024.0])
-def test_regulariser_gradient_is_exact(inputs, loss_scale):
+@pytest.mark.parametrize(("loss_scale", "max_grad_norm"), [(None, 0.0), (1024.0, 0.0), (None, 0.05), (1024.0, 0.05)])
+def test_regulariser_gradient_is_exact(inputs, loss_scale, max_grad_norm):
     lam = 0.37
     _, model = adapted(blocks=3, r=2)
     model.double()
     perturb_adapters(model)
     reference = fresh_copy(model)
-    xgb = XGBLora({"layers": 2, "lam": lam})
+    xgb = XGBLora({"layers": 2, "lam": lam, "max_grad_norm": max_grad_norm})
     # fp16 (Accelerate): the optimizer carries the GradScaler; both loops unscale before after_backward (lorakit
     # train explicitly, the Trainer through its gradient norm)
     scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale) if loss_scale else None
@@ -151,10 +151,15 @@ def test_regulariser_gradient_is_exact(inputs, loss_scale):
     (model_output(reference, inputs).square().mean() + lam * penalty).backward()
     expected = dict(lorakit.adapter_layers(reference))
     assert xgb.picks and len(xgb.picks) < len(expected)
+    # then clipped: the picked layers' gradients of that objective, and only theirs, to the global norm
+    norm = torch.cat([p.grad.flatten() for n in xgb.picks for p in expected[n].trainable_parameters().values()]).norm()
+    factor = min(1.0, max_grad_norm / (norm.item() + 1e-6)) if max_grad_norm else 1.0
+    assert factor < 0.2 if max_grad_norm else factor == 1.0  # the clipping bites
     for name, layer in lorakit.adapter_layers(model):
         for key, param in layer.trainable_parameters().items():
             if name in xgb.picks:
-                torch.testing.assert_close(param.grad, getattr(expected[name], key).grad, rtol=1e-12, atol=1e-12)
+                reference_grad = getattr(expected[name], key).grad * factor
+                torch.testing.assert_close(param.grad, reference_grad, rtol=1e-12, atol=1e-12)
             else:
                 assert param.grad is None
 

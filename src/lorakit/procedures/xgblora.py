@@ -43,6 +43,12 @@ How it fits lorakit (the paper attaches adapters to the picked layers only, and 
   layer's `frozen_links`, as in `lorakit.procedures.cola`): W is never written, so nothing is rounded into a bf16
   weight, and the base stays bit-identical. Every round's booster is folded, the last one too (at the final step),
   so the trained model and the saved adapter are the same thing.
+- Gradient clipping (option `max_grad_norm`, default 0: none, like `lorakit train`): in `after_backward`, in this
+  order: the gradients of the layers outside the round are dropped, 2λ·(p − p0) is added, then the round's
+  gradients (loss + regulariser, the gradient of Eq. 7's objective) are clipped to that global norm
+  (torch.nn.utils.clip_grad_norm_). The same in both loops: inside transformers' Trainer, which would clip every
+  layer's loss gradient before its `on_pre_optimizer_step`, the callback refuses max_grad_norm > 0 in the
+  TrainingArguments; set it to 0 and give the procedure its max_grad_norm instead.
 - Learning rate: the run's schedule (--schedule, --warmup) runs over all K steps across rounds; only the optimizer
   state restarts at each round.
 
@@ -122,7 +128,12 @@ class XGBLora(Procedure):
         "shrinkage": Option(
             1.0, float, "α_t: fraction of each round's booster folded in (Eq. 8)", minimum=0.0, maximum=1.0
         ),
+        "max_grad_norm": Option(
+            0.0, float, "clip the round's gradient (loss + regulariser) to this norm (0: no clipping)", minimum=0.0
+        ),
     }
+    # inside the Trainer, whose own clipping would come first and span every layer (see the module doc)
+    clips_gradients = True
 
     def __init__(self, options: dict):
         super().__init__(options)
@@ -239,6 +250,7 @@ class XGBLora(Procedure):
         if self.picks is None:
             self.before_step(state)
         twice_lam = 2.0 * self.settings["lam"]  # the gradients are unscaled here (fp16: see procedures.base)
+        trained = []
         for name, layer in adapter_layers(state.model):
             params = layer.trainable_parameters().values()
             if name not in self.picks:
@@ -252,6 +264,10 @@ class XGBLora(Procedure):
                         param.grad = torch.zeros_like(param)
                     offset = param.detach() if key not in origin else param.detach() - origin[key].to(param.dtype)
                     param.grad.add_(offset, alpha=twice_lam)
+            if name in self.picks:
+                trained += [param for param in params if param.grad is not None]
+        if self.settings["max_grad_norm"] and trained:  # the same on every process: the gradients are averaged
+            torch.nn.utils.clip_grad_norm_(trained, self.settings["max_grad_norm"])
 
     def after_optimizer_step(self, state: TrainingState) -> None:
         done = state.step + 1
