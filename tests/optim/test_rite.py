@@ -451,3 +451,69 @@ def test_step_without_gradients_is_a_no_op():
     optimizer.step()
     assert not optimizer.state
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def reference_rite(pairs_and_grads, state, lr, betas=(0.9, 0.999), eps=1e-6, clip_norm=1.0, skip_rms=1.0):
+    """One LoRA-RITE step (Yen et al. 2024, Algorithm 1, in the module docstring's notation) in float64, written out
+    per factor from the formulas, independently of LoraRite: new (A, B) of every pair; `state` is updated."""
+    beta1, beta2 = betas
+    t = state["t"] = state.get("t", 0) + 1
+    b1, b2 = (beta * (1 - beta ** (t - 1)) / (1 - beta**t) for beta in betas)  # Adafactor's decay: 0 at t = 1
+    tall, grads, bases, rs = {}, {}, {}, {}
+    for name, a, b, grad_a, grad_b in pairs_and_grads:
+        tall[name, "A"], tall[name, "B"] = a.T, b  # F_A = Aᵀ (in × r), F_B = B (out × r)
+        grads[name, "A"], grads[name, "B"] = grad_a.T, grad_b
+        for key in "AB":
+            bases[name, key], rs[name, key] = torch.linalg.qr(tall[name, key])
+    partner = {"A": "B", "B": "A"}
+    unmagnified = {}
+    for (name, key), grad in grads.items():
+        g = grad @ torch.linalg.pinv(rs[name, partner[key]])  # ḡ_X = ∇_X R_Y⁺
+        if g.square().mean().sqrt() > skip_rms:
+            g = torch.zeros_like(g)
+        unmagnified[name, key] = g
+    total = torch.sqrt(sum(g.square().sum() for g in unmagnified.values()))
+    factor = min(1.0, clip_norm / total.item())
+    new = {}
+    for (name, key), g in unmagnified.items():
+        g = g * factor
+        n, r = g.shape
+        other = (name, partner[key])
+        previous = state.get(("U", *other), torch.zeros_like(bases[other]))
+        p = bases[other].T @ previous  # P_X = U_Yᵀ U_Y,prev
+        v = state.get(("V", name, key), torch.zeros(r, r, dtype=g.dtype))
+        m = state.get(("M", name, key), torch.zeros_like(g))
+        v = b2 * (p @ v @ p.T) + (1 - b2) * (g.T @ g) / n
+        lam, vec = torch.linalg.eigh(v)
+        s_bar = g @ vec @ torch.diag(1 / (lam.clamp(min=0).sqrt() + eps)) @ vec.T  # ḡ (V̄)^(-1/2)
+        m = b1 * (m @ p.T) + (1 - b1) * s_bar
+        state["V", name, key], state["M", name, key] = v, m
+        new[name, key] = tall[name, key] - lr * (m @ torch.linalg.pinv(rs[other]).T)
+    for key, basis in bases.items():
+        state[("U", *key)] = basis
+    return {name: (new[name, "A"].T, new[name, "B"]) for name, *_ in pairs_and_grads}
+
+
+def test_matrix_preconditioner_matches_an_independent_float64_computation():
+    """Four steps on random gradients: LoraRite against the reference above within 1e-12 (float64; measured 2e-16). The r×r
+    preconditioner (V̄ + ρI)^(−1/2) matters: a scalar trace(V̄)/r in its place is off by far more."""
+    model = lorakit.adapt(tiny_llama(0), make_config("lora", r=3, targets=["q_proj", "v_proj"])).double()
+    perturb_adapters(model, scale=0.3)
+    found = pairs(model)
+    optimizer = LoraRite(model, lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    state, worst = {}, 0.0
+    for _ in range(4):
+        current = []
+        for name, a, b in found:
+            a.grad = torch.randn(a.shape, generator=gen, dtype=torch.float64) * 0.1
+            b.grad = torch.randn(b.shape, generator=gen, dtype=torch.float64) * 0.1
+            current.append((name, a.detach().clone(), b.detach().clone(), a.grad.clone(), b.grad.clone()))
+        expected = reference_rite(current, state, lr=0.05)
+        optimizer.step()
+        for name, a, b in found:
+            for got, want in zip((a, b), expected[name]):
+                worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+                torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+    moved = max(((a - c[1]).abs().max()).item() for (_, a, _), c in zip(found, current))
+    assert moved > 1e-3 and worst < 1e-13  # measured: 2.0e-16

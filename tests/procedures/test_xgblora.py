@@ -4,6 +4,7 @@ figure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections import Counter
@@ -21,7 +22,7 @@ from lorakit.optim import LoraRite
 from lorakit.procedures import PROCEDURES, parse_procedure
 from lorakit.procedures.base import TrainingState
 from lorakit.procedures.xgblora import XGBLora, picked_blocks
-from lorakit.training import TrainConfig, train
+from lorakit.training import TrainConfig, distributed, train
 
 
 def adapted(blocks=4, variant="lora", dtype=torch.float32, **config):
@@ -122,23 +123,25 @@ def test_only_the_picked_blocks_train(optimizer):
     assert seen["changed"] > 0
 
 
-@pytest.mark.parametrize("loss_scale", [None, 1024.0])
-def test_regulariser_gradient_is_exact(inputs, loss_scale):
+@pytest.mark.parametrize(("loss_scale", "max_grad_norm"), [(None, 0.0), (1024.0, 0.0), (None, 0.05), (1024.0, 0.05)])
+def test_regulariser_gradient_is_exact(inputs, loss_scale, max_grad_norm):
     lam = 0.37
     _, model = adapted(blocks=3, r=2)
     model.double()
     perturb_adapters(model)
     reference = fresh_copy(model)
-    xgb = XGBLora({"layers": 2, "lam": lam})
-    # fp16 (Accelerate): the optimizer carries the GradScaler, and the gradients are scaled until its step
+    xgb = XGBLora({"layers": 2, "lam": lam, "max_grad_norm": max_grad_norm})
+    # fp16 (Accelerate): the optimizer carries the GradScaler; both loops unscale before after_backward (lorakit
+    # train explicitly, the Trainer through its gradient norm)
     scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale) if loss_scale else None
-    moment = TrainingState(model, SimpleNamespace(scaler=scaler), None, 0, 4, 0)
+    optimizer = torch.optim.AdamW(trainable_parameters(model))
+    moment = TrainingState(model, SimpleNamespace(scaler=scaler, param_groups=optimizer.param_groups), None, 0, 4, 0)
     xgb.on_train_begin(moment)
-    (model_output(model, inputs).square().mean() * (loss_scale or 1.0)).backward()
+    loss = model_output(model, inputs).square().mean()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     xgb.after_backward(moment)
-    for param in trainable_parameters(model):
-        if param.grad is not None:
-            param.grad /= loss_scale or 1.0  # what the optimizer step's unscale does
     # autograd of loss + λ(‖A‖² + ‖B‖²) over the picked layers' factors
     penalty = sum(
         layer.A.square().sum() + layer.B.square().sum()
@@ -148,12 +151,64 @@ def test_regulariser_gradient_is_exact(inputs, loss_scale):
     (model_output(reference, inputs).square().mean() + lam * penalty).backward()
     expected = dict(lorakit.adapter_layers(reference))
     assert xgb.picks and len(xgb.picks) < len(expected)
+    # then clipped: the picked layers' gradients of that objective, and only theirs, to the global norm
+    norm = torch.cat([p.grad.flatten() for n in xgb.picks for p in expected[n].trainable_parameters().values()]).norm()
+    factor = min(1.0, max_grad_norm / (norm.item() + 1e-6)) if max_grad_norm else 1.0
+    assert factor < 0.2 if max_grad_norm else factor == 1.0  # the clipping bites
     for name, layer in lorakit.adapter_layers(model):
         for key, param in layer.trainable_parameters().items():
             if name in xgb.picks:
-                torch.testing.assert_close(param.grad, getattr(expected[name], key).grad, rtol=1e-12, atol=1e-12)
+                reference_grad = getattr(expected[name], key).grad * factor
+                torch.testing.assert_close(param.grad, reference_grad, rtol=1e-12, atol=1e-12)
             else:
                 assert param.grad is None
+
+
+def regulariser_steps(model, lam: float, steps: int, lr: float = 1e-2) -> None:
+    """`steps` optimizer steps on the regulariser alone: the task gradient is 0 (loss = 0 · output), no weight decay."""
+    xgb = XGBLora({"rounds": 1, "layers": 2, "lam": lam})  # one round, both blocks of the 2-block model
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
+    moment = TrainingState(model, optimizer, None, 0, steps + 1, 0)  # the round ends after the steps
+    xgb.on_train_begin(moment)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    for step in range(steps):
+        moment.step = step
+        xgb.before_step(moment)
+        (model_output(model, ids).sum() * 0.0).backward()
+        xgb.after_backward(moment)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        xgb.after_optimizer_step(moment)
+
+
+def update_ratio(model) -> float:
+    """max over layers of ‖s·ΔW‖ / ‖W‖."""
+    norm = torch.linalg.matrix_norm
+    return max(
+        (norm(layer.delta_linear().double()) / norm(layer.base_layer.weight.double())).item()
+        for _, layer in lorakit.adapter_layers(model)
+    )
+
+
+@pytest.mark.parametrize("variant", ["lora", "olora", "loraxs", "mini-orthonormal"])
+def test_the_regulariser_alone_keeps_the_update_at_zero(variant):
+    """λ(‖A‖² + ‖B‖²) is smallest at ΔW = −s·B0·A0 for OLoRA: its booster is regularised as A − A0, B − B0."""
+    _, model = adapted(blocks=2, variant=variant, r=2)
+    assert update_ratio(model) <= 1e-6  # OLoRA: 6.4e-8, the rounding of s·(B0·A0 − B0·A0)
+    before = snapshot(model)
+    regulariser_steps(model, lam=1e-3, steps=10)
+    assert update_ratio(model) <= 1e-6  # the old OLoRA regulariser (λ‖A‖² + λ‖B‖²): 2.09
+    if variant in ("lora", "mini-orthonormal"):  # A (A_in) is not at the minimum: the regulariser did act
+        assert any(not torch.equal(value, before[key]) for key, value in snapshot(model).items())
+
+
+def test_the_regulariser_pulls_an_olora_booster_back_to_its_start():
+    _, model = adapted(blocks=2, variant="olora", r=2)
+    perturb_adapters(model)
+    offsets = {name: (layer.A - layer.A0).norm().item() for name, layer in lorakit.adapter_layers(model)}
+    regulariser_steps(model, lam=1e-3, steps=10, lr=1e-3)
+    for name, layer in lorakit.adapter_layers(model):
+        assert (layer.A - layer.A0).norm().item() < offsets[name]
 
 
 @pytest.mark.parametrize("variant", ["lora", "olora", "loraxs"])
@@ -229,6 +284,43 @@ def test_final_adapter_ranks_reload_and_peft_export(tmp_path, inputs):
     back = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")  # and back, ranks and all
     assert {name: layer.r for name, layer in lorakit.adapter_layers(back)} == saved_ranks
     torch.testing.assert_close(model_output(back, inputs), trained, atol=1e-5, rtol=1e-5)
+
+
+class ScaledRuntime(distributed.AccelerateRuntime):
+    """Accelerate's native fp16 loss scaling with a CPU GradScaler (scale 1024); the forward stays float32 (no fp16
+    autocast on CPU), so the run differs from one without the scaler only in the scaling."""
+
+    def __init__(self, precision):
+        super().__init__(precision)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # handed to the optimizer's wrapper
+
+    def prepare(self, model, optimizer):
+        prepared = super().prepare(model, optimizer)
+        self.accelerator.native_amp = True  # after prepare (no autocast wrapper): unscale_gradients now acts
+        return prepared
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def test_fp16_loss_scale_leaves_the_regulariser_at_its_weight(tiny_model_dir, instruction_file, tmp_path, monkeypatch):
+    settings = dict(
+        model=str(tiny_model_dir),
+        data=str(instruction_file),
+        procedure="xgblora:rounds=1,layers=1,lam=0.001",
+        steps=6,
+        batch_size=2,
+        rank=2,
+        lr=1e-2,
+        max_length=64,
+        quiet=True,
+        precision="fp16",  # on CPU: no scaler, float32 compute
+    )
+    train(TrainConfig(out=str(tmp_path / "plain"), **settings))
+    monkeypatch.setattr(distributed, "AccelerateRuntime", ScaledRuntime)
+    train(TrainConfig(out=str(tmp_path / "scaled"), **settings))
+    one, two = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("plain", "scaled"))
+    assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-6
 
 
 def test_trainable_per_round_in_the_summary(tiny_model_dir, instruction_file, tmp_path):

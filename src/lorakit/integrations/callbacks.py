@@ -14,7 +14,8 @@ Where each hook runs (transformers 5.x `Trainer._run_epoch`, one optimizer step)
 `TrainingState.step` is the 0-based index of the step (`state.global_step` before it, `global_step - 1` at its
 end), `total_steps` is `state.max_steps`, `seed` is `args.seed`; model, optimizer and scheduler are the objects
 the Trainer hands every callback (the unwrapped model, its optimizer, its scheduler). One difference from
-`lorakit train`: the Trainer clips gradients (max_grad_norm, default 1.0) before `after_backward`.
+`lorakit train`: the Trainer clips gradients (max_grad_norm, default 1.0) before `after_backward` (XGBLoRA, which
+clips its own round's gradients in `after_backward`, refuses max_grad_norm > 0).
 
 The procedure's state travels in the Trainer's checkpoints: `save_model` and every `checkpoint-N/` write its final
 adapter (`layers_to_save`) as the lorakit adapter and its `state_dict` / `state_tensors` into the resume file, and
@@ -97,6 +98,12 @@ class ProcedureCallback(TrainerCallback):
                 f"procedure {name} cannot follow load_best_model_at_end (the Trainer reloads a checkpoint after the "
                 "last step, where a procedure cannot re-enter its state); turn it off and load the best checkpoint "
                 "afterwards: lorakit.load_adapter(base, trainer.state.best_model_checkpoint)"
+            )
+        if getattr(type(procedure), "clips_gradients", False) and (getattr(args, "max_grad_norm", 0) or 0) > 0:
+            raise ConfigError(
+                f"procedure {name} clips its round's gradients itself (after its regulariser, without the other "
+                f"layers), but the Trainer clips every gradient first (max_grad_norm={args.max_grad_norm}); set "
+                f"TrainingArguments(max_grad_norm=0) and ProcedureCallback({name!r}, max_grad_norm=...) instead"
             )
         if getattr(args, "fsdp", None) and not procedure.supports_fsdp:
             raise ConfigError(f"procedure {name} does not support FSDP (the weights are shards there); use DDP")

@@ -374,8 +374,9 @@ class LoraRite(torch.optim.Optimizer):
         beta1, beta2 = options["betas"]
         states = [self._init_state(f, rg.dtype) for f in rg.factors]
         steps = torch.stack([s["step"] for s in states])
-        b1 = _decay(steps, beta1).to(rg.dtype)[:, None, None]
-        b2 = _decay(steps, beta2).to(rg.dtype)[:, None, None]
+        steps = steps.to(rg.dtype)  # the decays in the factors' precision (float64: not rounded to float32)
+        b1 = _decay(steps, beta1)[:, None, None]
+        b2 = _decay(steps, beta2)[:, None, None]
         turns, moments = [], []  # per slab: U_newᵀ U_prev of each factor, and ḡᵀḡ / n
         for slab, q, g in zip(rg.slabs, bases, grads):
             if scale is not None:

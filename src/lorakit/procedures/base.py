@@ -6,13 +6,17 @@ with the same `TrainingState` (model, optimizer, scheduler, step, ...):
     on_train_begin        once, after the adapter, the optimizer and any checkpoint are in place
     before_step           before the first micro-batch of optimizer step `state.step` (0-based)
     after_backward        the step's gradients are complete (summed over micro-batches, averaged over
-                          processes); the optimizer has not stepped yet
+                          processes) and at their true scale (under fp16 already divided by the loss scale);
+                          the optimizer has not stepped yet
     after_optimizer_step  after optimizer.step(), scheduler.step() and zero_grad()
 
 They map one-to-one onto transformers' `TrainerCallback.on_step_begin`, `on_pre_optimizer_step` and
-`on_step_end`, so the same procedure can run inside the Trainer. A procedure's state is what `state_dict()`
-returns (JSON values): the loop writes it into every checkpoint and hands it back through `load_state_dict()` on
---resume, so a resumed run continues exactly.
+`on_step_end`, so the same procedure can run inside the Trainer. The Trainer unscales fp16 gradients before
+`on_pre_optimizer_step` (its gradient clipping, or with max_grad_norm=0 its gradient norm, calls Accelerate's
+`clip_grad_norm_`, which unscales), and `lorakit train` unscales them before `after_backward`.
+
+A procedure's state is what `state_dict()` returns (JSON values): the loop writes it into every checkpoint and
+hands it back through `load_state_dict()` on --resume, so a resumed run continues exactly.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ authors divide by ranknum + 1e-5, a guard lorakit does not need: ranknum ≥ 1).
 - Start (`update_and_increase` at step 0, `add_reserve_param`): one active component, A, B ~ N(0, 0.02²), E = 0;
   plus `increment` reserve components ("advance learning", option `advance`, on by default): their A and B train
   from the first step, their E is fixed at 1e-5 and they take part in the forward pass (scaled like the others).
-  With advance=false the reserves have E = 0 and do not train until they are activated.
+  With advance=false the reserves have E = 0 and do not train until they are activated. Two differences from
+  the authors' trainer, as reported by a review of their code (issue 28): its reserves first train at step 1, and
+  it clips the gradient norm at 1.0 (max_grad_norm); lorakit trains the reserves from step 0 and does not clip
+  (inside transformers' Trainer, its max_grad_norm clips the layers' gradients before `after_backward`).
 - Importance (`SVDLinear.backward_hook`): one number per module, s = Σ|ΔW ⊙ ∂L/∂ΔW| / √numel(ΔW), where ΔW is the
   full scaled update matrix the forward uses (reserves included) and ∂L/∂ΔW is the gradient with respect to that
   matrix, i.e. the module's `grad_output` in the authors' hook, NOT a combination of parameter gradients. lorakit

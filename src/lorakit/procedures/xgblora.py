@@ -8,7 +8,8 @@ iterations t = 1..T). In round t:
    random, from a generator seeded by (seed, t): the same blocks on every process, on resume, in every run with
    that seed. Only their adapter layers form round t's booster;
 2. the booster trains on the current model (the base plus every earlier booster) for the round's steps, on the
-   loss plus the regulariser of the paper's Eq. 7, λ(‖A‖² + ‖B‖²) over the booster's factors;
+   loss plus the regulariser of the paper's Eq. 7, λ(‖A‖² + ‖B‖²) over the booster's factors (OLoRA:
+   λ(‖A − A0‖² + ‖B − B0‖²), see below);
 3. the booster is folded into the model with the step size α_t of Eq. 8 (option `shrinkage`, default 1: the
    whole booster), and the next round starts with fresh boosters (B = 0, so the output does not jump) and a fresh
    optimizer state (Adam's moments and step count: every booster is a new weak learner).
@@ -31,13 +32,23 @@ How it fits lorakit (the paper attaches adapters to the picked layers only, and 
   processes before being dropped, so every process holds the same parameters.
 - The regulariser is added exactly as its gradient in `after_backward`: grad += 2λ·p for each trained parameter of
   the picked layers (for LoRA the paper's A and B; for other low-rank methods their trained tensors, e.g. LoRA-XS's
-  R). The loss is the token mean over the global batch and gradients are already averaged over the processes when
-  `after_backward` runs, so every process adds the same term, once per optimizer step (times the loss scale
-  under --precision fp16, whose gradients are unscaled only in the optimizer step).
+  R). The regulariser is smallest where the booster's ΔW is 0: for every method but OLoRA that is at 0 (B = 0
+  or R = 0 at init); an OLoRA booster starts at (A0, B0) with ΔW = s·(B·A − B0·A0), so there λ(‖A‖² + ‖B‖²)
+  would pull ΔW towards −s·B0·A0, and lorakit regularises the update instead: grad += 2λ·(p − p0), p0 = A0, B0.
+  The loss is the token mean over the global batch and gradients are already averaged over the processes when
+  `after_backward` runs, so every process adds the same term, once per optimizer step. The gradients are at
+  their true scale there in both loops (under fp16 the loop, and inside the Trainer its gradient norm, has
+  unscaled them), so 2λ·p is added as is.
 - Folding (Eq. 8, W_t = W_{t-1} + α_t·ΔW_t) keeps the booster as exact frozen low-rank factors beside W (the
   layer's `frozen_links`, as in `lorakit.procedures.cola`): W is never written, so nothing is rounded into a bf16
   weight, and the base stays bit-identical. Every round's booster is folded, the last one too (at the final step),
   so the trained model and the saved adapter are the same thing.
+- Gradient clipping (option `max_grad_norm`, default 0: none, like `lorakit train`): in `after_backward`, in this
+  order: the gradients of the layers outside the round are dropped, 2λ·(p − p0) is added, then the round's
+  gradients (loss + regulariser, the gradient of Eq. 7's objective) are clipped to that global norm
+  (torch.nn.utils.clip_grad_norm_). The same in both loops: inside transformers' Trainer, which would clip every
+  layer's loss gradient before its `on_pre_optimizer_step`, the callback refuses max_grad_norm > 0 in the
+  TrainingArguments; set it to 0 and give the procedure its max_grad_norm instead.
 - Learning rate: the run's schedule (--schedule, --warmup) runs over all K steps across rounds; only the optimizer
   state restarts at each round.
 
@@ -87,6 +98,14 @@ def picked_blocks(seed: int, round_index: int, blocks: int, layers: int) -> list
     return sorted(order[:layers].tolist())
 
 
+def regulariser_origin(layer) -> dict[str, torch.Tensor]:
+    """The trained tensors' values where the booster's ΔW is 0 and its regulariser is smallest: OLoRA's (A0, B0)
+    (ΔW = s·(B·A − B0·A0)); absent (0) for every other method."""
+    if layer.method == "olora":
+        return {"A": layer.A0, "B": layer.B0}
+    return {}
+
+
 def booster_factors(layer, shrinkage: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, α·s·B) of the layer's live booster, copied (the next round re-initialises the parameters)."""
     a, b = (t.detach().to(layer.factor_dtype, copy=True) for t in layer.export_factors())
@@ -102,11 +121,19 @@ class XGBLora(Procedure):
             0, int, "steps per round κ (0: --steps / rounds); the last round may be shorter", minimum=0
         ),
         "layers": Option(1, int, "transformer blocks L_s trained per round, drawn from (seed, round)", minimum=1),
-        "lam": Option(1e-3, float, "λ of the regulariser λ(‖A‖² + ‖B‖²) on each round's factors", minimum=0.0),
+        "lam": Option(
+            1e-3, float, "λ of the regulariser λ(‖A‖² + ‖B‖²) on each round's factors (OLoRA: A − A0, B − B0)",
+            minimum=0.0,
+        ),
         "shrinkage": Option(
             1.0, float, "α_t: fraction of each round's booster folded in (Eq. 8)", minimum=0.0, maximum=1.0
         ),
+        "max_grad_norm": Option(
+            0.0, float, "clip the round's gradient (loss + regulariser) to this norm (0: no clipping)", minimum=0.0
+        ),
     }
+    # inside the Trainer, whose own clipping would come first and span every layer (see the module doc)
+    clips_gradients = True
 
     def __init__(self, options: dict):
         super().__init__(options)
@@ -222,20 +249,25 @@ class XGBLora(Procedure):
     def after_backward(self, state: TrainingState) -> None:
         if self.picks is None:
             self.before_step(state)
-        # under fp16 the gradients are still multiplied by the loss scale here (Accelerate unscales in step())
-        scaler = getattr(state.optimizer, "scaler", None)
-        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-        twice_lam = 2.0 * self.settings["lam"] * scale
+        twice_lam = 2.0 * self.settings["lam"]  # the gradients are unscaled here (fp16: see procedures.base)
+        trained = []
         for name, layer in adapter_layers(state.model):
             params = layer.trainable_parameters().values()
             if name not in self.picks:
                 for param in params:
                     param.grad = None  # skipped by the optimizer: no moments, no step, no weight decay
             elif twice_lam:
-                for param in params:  # d/dp λ‖p‖² = 2λp, added once to the global-mean gradient
+                origin = regulariser_origin(layer)
+                for key, param in layer.trainable_parameters().items():
+                    # d/dp λ‖p − p0‖² = 2λ(p − p0), added once to the global-mean gradient
                     if param.grad is None:
                         param.grad = torch.zeros_like(param)
-                    param.grad.add_(param.detach(), alpha=twice_lam)
+                    offset = param.detach() if key not in origin else param.detach() - origin[key].to(param.dtype)
+                    param.grad.add_(offset, alpha=twice_lam)
+            if name in self.picks:
+                trained += [param for param in params if param.grad is not None]
+        if self.settings["max_grad_norm"] and trained:  # the same on every process: the gradients are averaged
+            torch.nn.utils.clip_grad_norm_(trained, self.settings["max_grad_norm"])
 
     def after_optimizer_step(self, state: TrainingState) -> None:
         done = state.step + 1

@@ -103,6 +103,11 @@ class AccelerateRuntime:
     def backward(self, loss) -> None:
         self.accelerator.backward(loss)
 
+    def unscale_gradients(self, optimizer) -> None:
+        """Under fp16 (a GradScaler), divide the gradients by the loss scale now; the optimizer step then does not
+        unscale again (and still skips a step with inf/nan). Otherwise nothing."""
+        self.accelerator.unscale_gradients(optimizer)
+
     def gradient_sync(self, model, sync: bool):
         """Context for one micro-batch: gradients are averaged over processes only where `sync`."""
         return contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
@@ -206,6 +211,9 @@ class FsdpRuntime:
 
     def backward(self, loss) -> None:
         loss.backward()  # FSDP2 reduce-scatters and averages the gradients over processes
+
+    def unscale_gradients(self, optimizer) -> None:
+        pass  # no loss scaling (--fsdp refuses fp16)
 
     def gradient_sync(self, model, sync: bool):
         model.set_requires_gradient_sync(sync)

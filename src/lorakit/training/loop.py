@@ -260,6 +260,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
                     f"non-finite loss ({step_loss}) at step {step + 1}; training stopped, {where}; lower --lr"
                 )
             if procedure is not None:
+                runtime.unscale_gradients(optimizer)  # fp16: the procedure sees true gradients, as in the Trainer
                 procedure.after_backward(moment)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step applies: a procedure may rescale the
             # scheduler's (Chain of LoRA's rewarm), so get_last_lr() is not it
