@@ -9,6 +9,9 @@ the head), then the peak is reset (VmHWM, after malloc_trim) and it trains one w
 4 x 256. Peak: the child's VmHWM (CPU) or `torch.cuda.max_memory_allocated` (GPU), so with the weights resident.
 PEFT's loss is transformers' own (`labels=`, the whole logits); lorakit's is `token_loss_sum` (fused, no logits kept).
 
+Bare: the frozen model (no adapter) run forward and backward to its input embeddings, with each loss: the memory a
+LoRA step is compared with (issue target: at most 1.10x).
+
 Floor: the process after imports (Python, torch, transformers) + every stored base tensor (4-bit weights with their
 statistics, float32 embeddings and norms) + the adapter with its gradient and two AdamW moments + one decoder
 block's saved activations at this batch (measured with saved-tensor hooks). Ratio: peak / floor.
@@ -124,7 +127,9 @@ def child(model_name: str, setting: str, tool: str, steps: int) -> dict:
     if options.get("quantize"):
         quantize_model(model, options["quantize"])
     model.requires_grad_(False)
-    if tool == "lorakit":
+    if tool == "bare":  # the frozen model's forward + backward to its input embeddings: no adapter
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    elif tool == "lorakit":
         lorakit.adapt(model, lorakit.AdapterConfig(r=RANK, alpha=RANK))
     else:
         from peft import LoraConfig, get_peft_model
@@ -135,7 +140,7 @@ def child(model_name: str, setting: str, tool: str, steps: int) -> dict:
         enable_gradient_checkpointing(model.base_model.model if tool == "peft" else model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (BATCH, SEQ), generator=gen).to(device)
@@ -149,13 +154,14 @@ def child(model_name: str, setting: str, tool: str, steps: int) -> dict:
     }
 
     def step():
-        if tool == "lorakit":
+        if tool in ("lorakit", "bare"):
             loss = token_loss_sum(model, batch, full_logits=options.get("full_logits", False)) / (BATCH * (SEQ - 1))
         else:
             loss = model(**batch).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     if device.type == "cuda":
@@ -215,6 +221,10 @@ def main(which: str, steps: int | None) -> None:
                 rows[f"{setting}/{tool}"] = run_child(model_name, setting, tool, n)
                 print(model_name, setting, tool, {k: v for k, v in rows[f"{setting}/{tool}"].items()
                                                   if k != "floor_parts"}, flush=True)
+        for setting in ("fp32", "fp32+full-logits"):  # the frozen model alone, with each loss
+            rows[f"{setting}/bare"] = run_child(model_name, setting, "bare", n)
+            print(model_name, setting, "bare", {k: v for k, v in rows[f"{setting}/bare"].items()
+                                               if k != "floor_parts"}, flush=True)
         if model_name == "smollm2":
             for setting in EXTRA:
                 rows[f"{setting}/lorakit"] = run_child(model_name, setting, "lorakit", n)
@@ -244,6 +254,11 @@ def main(which: str, steps: int | None) -> None:
                 row, fused = rows[setting + "/lorakit"], rows["fp32/lorakit"]
                 print(f"{setting}: {gib(row['peak_bytes'])} GiB, {row['step_s']:.2f} s; fused loss / full logits: "
                       f"peak {fused['peak_bytes'] / row['peak_bytes']:.2f}, step {fused['step_s'] / row['step_s']:.2f}")
+        for setting in ("fp32", "fp32+full-logits"):
+            bare, lora = rows.get(f"{setting}/bare", {}), rows.get(f"{setting}/lorakit", {})
+            if "peak_bytes" in bare and "peak_bytes" in lora:
+                print(f"{setting}: LoRA step peak / frozen model's step peak {lora['peak_bytes'] / bare['peak_bytes']:.2f}"
+                      f" ({gib(lora['peak_bytes'])} / {gib(bare['peak_bytes'])} GiB)")
         if default:
             print("glibc defaults, peak GiB lorakit / PEFT: " + ", ".join(
                 f"{setting} {gib(default[f'{setting}/lorakit'].get('peak_bytes', 0))} / "
