@@ -112,7 +112,7 @@ def test_dropout_masks_differ_across_processes(tiny_model_dir, tmp_path):
         diffs[dropout] = max_diff(
             adapter_tensors(tmp_path / f"two-{dropout}"), adapter_tensors(tmp_path / f"one-{dropout}")
         )
-    assert diffs[0.0] == 0, diffs  # measured 0:  # without dropout the two processes compute identical gradients
+    assert diffs[0.0] == 0, diffs  # measured 0: without dropout the two processes compute identical gradients
     assert diffs[0.1] > 1e-4, diffs  # with dropout process 1 masks differently from process 0
 
 
