@@ -98,4 +98,4 @@ def test_two_processes_equal_one_with_double_batch(variant, tiny_model_dir, inst
         # halves like 2 micro-batches do, so that is the run they must equal.
         settings["grad_accum"] = 2
     train(config(tiny_model_dir, instruction_file, tmp_path / "one", batch_size=2 if variant == "rite" else 4, **settings))
-    assert max_diff(adapter_of(tmp_path / "one"), adapter_of(tmp_path / "two")) <= (1e-6 if variant == "rite" else 1e-4)
+    assert max_diff(adapter_of(tmp_path / "one"), adapter_of(tmp_path / "two")) <= 1e-6  # measured <= 1.2e-7 (rite 0): 8x margin

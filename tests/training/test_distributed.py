@@ -54,7 +54,7 @@ def test_fsdp_two_processes_equal_one_with_double_batch(variant, tiny_model_dir,
     assert max_diff(sharded, initial_adapter(tiny_model_dir, single_cfg)) > 1e-3  # it really trained
     # same module names (no _fsdp_wrapped_module), full shapes, same values
     assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in single.items()}
-    assert max_diff(single, sharded) <= 1e-4
+    assert max_diff(single, sharded) <= 5e-6  # measured 1.26e-6 (lora), 9.1e-7 (olora), 1.8e-7 (mini-qr): 4x margin
     lorakit.load_adapter(load_model(str(tiny_model_dir))[0], tmp_path / "fsdp" / "adapter")  # strict base check
     summary = summary_of(tmp_path / "fsdp")
     assert summary["strategy"] == "fsdp" and summary["processes"] == 2
@@ -89,7 +89,7 @@ def test_resume_with_dropout_equals_uninterrupted(strategy, tiny_model_dir, inst
         path = resumed / later
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     torchrun(cfg(resumed, resume=True))
-    assert max_diff(adapter_tensors(whole), adapter_tensors(resumed)) <= 1e-6
+    assert max_diff(adapter_tensors(whole), adapter_tensors(resumed)) == 0  # measured 0 (ddp, fsdp): bit-exact
     steps = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
     assert summary_of(resumed)["strategy"] == strategy
@@ -112,7 +112,7 @@ def test_dropout_masks_differ_across_processes(tiny_model_dir, tmp_path):
         diffs[dropout] = max_diff(
             adapter_tensors(tmp_path / f"two-{dropout}"), adapter_tensors(tmp_path / f"one-{dropout}")
         )
-    assert diffs[0.0] <= 1e-6, diffs  # without dropout the two processes compute identical gradients
+    assert diffs[0.0] == 0, diffs  # measured 0: without dropout the two processes compute identical gradients
     assert diffs[0.1] > 1e-4, diffs  # with dropout process 1 masks differently from process 0
 
 
