@@ -18,7 +18,7 @@ block's saved activations at this batch (measured with saved-tensor hooks). Rati
 
 python benchmarks/bench_memory.py [smollm2|1b|all] [STEPS]   (default: all, 3 steps on SmolLM2 and 1 on the 1B model)
 Writes benchmarks/results-memory.json and prints a table. Children run with glibc's trim threshold at 0 (see
-ALLOCATORS); SmolLM2's rows are also measured under glibc's defaults.
+ALLOCATORS); with BENCH_GLIBC_DEFAULT=1, SmolLM2's rows are also measured under glibc's defaults.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def main(which: str, steps: int | None) -> None:
                 print(model_name, setting, "lorakit", {k: v for k, v in rows[f"{setting}/lorakit"].items()
                                                        if k != "floor_parts"}, flush=True)
         default = {}
-        if model_name == "smollm2":  # the same rows under glibc's defaults, peaks only
+        if model_name == "smollm2" and os.environ.get("BENCH_GLIBC_DEFAULT") == "1":  # the same rows, glibc's defaults
             for setting in SETTINGS:
                 for tool in TOOLS:
                     default[f"{setting}/{tool}"] = run_child(model_name, setting, tool, n, "glibc-default")
