@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import lorakit
@@ -21,25 +20,16 @@ from lorakit.quantize import quantize_model
 from lorakit.training import TrainConfig, train
 from lorakit.training.loop import enable_gradient_checkpointing
 from tests.conftest import METHOD_SETTINGS, VOCAB, tiny_llama
+from tests.training.test_train import adapter_tensors, max_diff
+from tests.training.test_train import config as train_config
 
 pytest.importorskip("bitsandbytes")
 LORAKIT = [sys.executable, "-m", "lorakit"]
 
 
 def config(model_dir, data, out, **overrides):
-    values = dict(model=str(model_dir), data=str(data), out=str(out), steps=4, batch_size=4, lr=1e-2, rank=4,
-                  max_length=64, quiet=True)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def adapter_tensors(out):
-    return load_file(str(Path(out) / "adapter" / "adapter.safetensors"))
-
-
-def max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    """test_train's run config, 4 steps by default."""
+    return train_config(model_dir, data, out, **{"steps": 4, **overrides})
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
