@@ -99,18 +99,18 @@ def model_output(model, inputs):
     return torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
 
 
-def perturb_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
+def perturb_adapters(model, seed: int = 1, scale: float = 0.1, adapter: str | None = None) -> None:
     """Give every trained factor random non-zero values, as training would (B starts at zero)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in lorakit.adapter_layers(model):
+        for _, layer in lorakit.adapter_layers(model, adapter):
             factor_scale = scale
             if layer.method == "mini" and layer.config.mini_outer == "normal":
                 # N(0,1) outer matrices amplify the update by ~sqrt(in*out): keep ΔW at a realistic size
                 factor_scale = scale / (layer.in_features * layer.out_features) ** 0.25
             for param in layer.trainable_parameters().values():
                 param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * factor_scale)
-        shared = lorakit.inject.shared_parameters(model)  # LoRTA's model-wide factors
+        shared = lorakit.inject.shared_parameters(model, adapter)  # LoRTA's model-wide factors
         for param in (shared.trainable_parameters().values() if shared is not None else ()):
             param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * scale)
 

@@ -12,7 +12,19 @@ from .errors import (
     LorakitError,
     ModelLoadError,
 )
-from .inject import adapt, adapter_layers, disabled, merge, merge_and_unload, summary, unload, unmerge
+from .inject import (
+    adapt,
+    adapter_layers,
+    adapters,
+    delete_adapter,
+    disabled,
+    merge,
+    merge_and_unload,
+    set_active,
+    summary,
+    unload,
+    unmerge,
+)
 from .layer import AdapterLayer
 from .methods import METHODS
 from .peft_format import export_peft, import_peft
@@ -32,6 +44,9 @@ __all__ = [
     "ModelLoadError",
     "adapt",
     "adapter_layers",
+    "adapters",
+    "delete_adapter",
+    "set_active",
     "disabled",
     "export_peft",
     "import_peft",

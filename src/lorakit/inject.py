@@ -8,28 +8,89 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from .adapted import BASE_ROW_NAMES, AdaptedLayer
 from .config import AdapterConfig
 from .errors import ConfigError
 from .layer import AdapterLayer, SharedParameters, is_supported_layer, linear_shape
 from .methods import METHODS
+from .routing import install_routing, remove_routing
 
 SHARED = "lorakit_shared"  # the attribute of the model that owns a method's shared tensors (LoRTA)
 SHARED_ROW = "(shared by all layers)"  # the summary row of those tensors
+DEFAULT_ADAPTER = "default"  # the name of an adapter when none is given: today's one-adapter API and files
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+def hosts(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """(module name, host) of every adapted module."""
     for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdaptedLayer):
             yield name, module
 
 
-def _require_adapted(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    layers = list(adapter_layers(model))
-    if not layers:
+def is_adapted(model: nn.Module) -> bool:
+    return any(True for _ in hosts(model))
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, host in hosts(model):
+        names.update(dict.fromkeys(host.adapters))
+    return list(names)
+
+
+def _first_host(model: nn.Module) -> AdaptedLayer | None:
+    return next((host for _, host in hosts(model)), None)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    host = _first_host(model)
+    return [] if host is None else list(host.active)
+
+
+def trained_adapters(model: nn.Module) -> list[str]:
+    host = _first_host(model)
+    return [] if host is None else list(host.trained)
+
+
+def current_adapter(model: nn.Module) -> str | None:
+    """The adapter an unnamed call means: the only one, else the only one in training, else the only active one."""
+    names = adapter_names(model)
+    if len(names) <= 1:
+        return names[0] if names else None
+    for chosen in (trained_adapters(model), active_adapters(model)):
+        if len(chosen) == 1:
+            return chosen[0]
+    raise ConfigError(
+        f"the model has adapters {names} and none is the single active one; name the adapter "
+        "(adapter=...) or lorakit.set_active(model, name)"
+    )
+
+
+def adapter_layers(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, AdapterLayer]]:
+    """(module name, layer) of one adapter: `adapter`, or the one `current_adapter` means."""
+    name = adapter if adapter is not None else current_adapter(model)
+    if name is None:
+        return
+    for module_name, host in hosts(model):
+        if name in host.adapters:
+            yield module_name, host.adapters[name]
+
+
+def _require_adapted(model: nn.Module, adapter: str | None = None) -> list[tuple[str, AdapterLayer]]:
+    if not is_adapted(model):
         raise ConfigError("the model has no lorakit adapters; call lorakit.adapt(model, config) first")
-    return layers
+    if adapter is not None and adapter not in adapter_names(model):
+        raise ConfigError(f"the model has no adapter named {adapter!r}; its adapters: {adapter_names(model)}")
+    return list(adapter_layers(model, adapter))
+
+
+def shared_attribute(adapter: str) -> str:
+    """Where the model keeps an adapter's shared tensors: `lorakit_shared` for the default one."""
+    return SHARED if adapter == DEFAULT_ADAPTER else f"{SHARED}_{adapter}"
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -50,7 +111,7 @@ def _matches(name: str, pattern) -> bool:
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Names of the modules `config` selects; raises ConfigError if a target matches nothing or a non-linear layer."""
-    modules = dict(model.named_modules())
+    modules = targetable_modules(model)
     linear_names = [n for n, m in modules.items() if n and is_supported_layer(m)]
     if config.targets == "all-linear":
         heads = _output_head_names(model)
@@ -80,6 +141,25 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     return names
 
 
+def targetable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """named_modules, with an adapted module standing for its base layer (and its own children left out)."""
+    modules = {}
+    inside = ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, AdaptedLayer):
+            modules[name] = module.base_layer
+            inside = name + "."
+        else:
+            modules[name] = module
+    return modules
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
 def _examples(names: list[str], count: int = 6) -> str:
     suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
     shown = suffixes[:count] or ["(none)"]
@@ -92,15 +172,39 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def adapt(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -> nn.Module:
+def adapt(model: nn.Module, config: AdapterConfig, *, name: str | None = None, initialize: bool = True) -> nn.Module:
     """Wrap the modules `config` targets in adapter layers, in place; freeze everything but the adapters.
 
+    `name` names the adapter ("default" when omitted). The first adapter of a model is active and trains; one
+    added to an adapted model (a new `name`) is idle until `set_active` selects it, as in PEFT's `add_adapter`.
     Every check runs before the model is touched, so a ConfigError leaves the model as it was.
     """
-    layers = build_layers(model, config, initialize=initialize)
+    name = new_adapter_name(model, name)
+    layers = build_layers(model, config, initialize=initialize, name=name)
     _warn_useless_rank(config, layers)
-    install(model, layers)
+    install(model, layers, name=name)
     return model
+
+
+def new_adapter_name(model: nn.Module, name: str | None) -> str:
+    existing = adapter_names(model)
+    if name is None:
+        if existing:
+            raise ConfigError(
+                f"the model is already adapted (adapter {existing[0]!r}); pass name=... to add another adapter, or "
+                "call lorakit.unload(model) first"
+            )
+        return DEFAULT_ADAPTER
+    if not isinstance(name, str) or not name.isidentifier() or name in BASE_ROW_NAMES:
+        raise ConfigError(
+            f"adapter name {name!r} is invalid; use a Python identifier such as 'task_a' (not {BASE_ROW_NAMES[0]!r} "
+            f"or {BASE_ROW_NAMES[1]!r}, which mean the base model)"
+        )
+    if name in existing:
+        raise ConfigError(
+            f"the model already has an adapter named {name!r}; pick another name or lorakit.delete_adapter first"
+        )
+    return name
 
 
 def _warn_useless_rank(config: AdapterConfig, layers: dict[str, AdapterLayer]) -> None:
@@ -128,7 +232,12 @@ def _warn_useless_rank(config: AdapterConfig, layers: dict[str, AdapterLayer]) -
 
 
 def build_layers(
-    model: nn.Module, config: AdapterConfig, *, initialize: bool = True, fingerprints: dict | None = None
+    model: nn.Module,
+    config: AdapterConfig,
+    *,
+    initialize: bool = True,
+    fingerprints: dict | None = None,
+    name: str = DEFAULT_ADAPTER,
 ) -> dict[str, AdapterLayer]:
     """Check `config` against the model and create (not yet install) one adapter layer per target.
 
@@ -136,75 +245,185 @@ def build_layers(
     """
     if not isinstance(config, AdapterConfig):
         raise ConfigError("config must be a lorakit.AdapterConfig")
-    if any(True for _ in adapter_layers(model)):
-        raise ConfigError("the model is already adapted; call lorakit.unload(model) first or adapt a fresh model")
+    if name in adapter_names(model):
+        raise ConfigError(
+            f"the model already has an adapter named {name!r}; pick another name or lorakit.delete_adapter first"
+        )
     layer_cls = METHODS[config.method]
     names = find_targets(model, config)
-    for name in names:
-        layer_cls.check_layer(config, name, *linear_shape(model.get_submodule(name)))
+    for target in names:
+        layer_cls.check_layer(config, target, *linear_shape(base_of(model.get_submodule(target))))
     fingerprints = fingerprints or {}
     shared = layer_cls.build_shared(model, config, names)
     return {
-        name: layer_cls(
-            model.get_submodule(name),
+        target: layer_cls(
+            base_of(model.get_submodule(target)),
             config,
-            name,
+            target,
             initialize=initialize,
-            fingerprint=fingerprints.get(name),
+            fingerprint=fingerprints.get(target),
             shared=shared,
         )
-        for name in names
+        for target in names
     }
 
 
-def shared_parameters(model: nn.Module) -> SharedParameters | None:
-    """The model's shared adapter tensors (registered by `install`), or None."""
-    shared = getattr(model, SHARED, None)
+def shared_parameters(model: nn.Module, adapter: str | None = None) -> SharedParameters | None:
+    """An adapter's shared tensors (registered by `install`), or None."""
+    name = adapter if adapter is not None else current_adapter(model)
+    shared = getattr(model, shared_attribute(name), None) if name is not None else None
     return shared if isinstance(shared, SharedParameters) else None
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every declared trained parameter of the adapters (each layer's and the shared ones), each once."""
-    params = [p for _, layer in adapter_layers(model) for p in layer.trainable_parameters().values()]
-    shared = shared_parameters(model)
+def adapter_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
+    params = [p for _, layer in adapter_layers(model, adapter) for p in layer.trainable_parameters().values()]
+    shared = shared_parameters(model, adapter)
     if shared is not None:
         params += list(shared.trainable_parameters().values())
     return params
 
 
-def install(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
-    """Put the layers in place of their base modules; only their declared parameters stay trainable."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name, layer in layers.items():
-        _set_module(model, name, layer)
-        for param in layer.trainable_parameters().values():
-            param.requires_grad_(True)
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every declared trained parameter of the adapters in training (each layer's and the shared ones), each once."""
+    return [p for adapter in trained_adapters(model) for p in adapter_parameters(model, adapter)]
+
+
+def install(model: nn.Module, layers: dict[str, AdapterLayer], *, name: str = DEFAULT_ADAPTER) -> None:
+    """Put the layers in place as adapter `name` (hosts created where a module has none yet). The model's first
+    adapter becomes active and trains; only the declared parameters of adapters in training stay trainable."""
+    first = not is_adapted(model)
+    for target, layer in layers.items():
+        module = model.get_submodule(target)
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(module)
+            _set_module(model, target, module)
+        module.add(name, layer)
     shared = next((layer.shared for layer in layers.values() if layer.shared is not None), None)
     if shared is not None:
-        model.add_module(SHARED, shared)
-        for param in shared.trainable_parameters().values():
-            param.requires_grad_(True)
+        model.add_module(shared_attribute(name), shared)
+    if first:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        _set_state(model, (name,), (name,))
+    else:
+        _set_state(model, active_adapters(model), trained_adapters(model))
     # transformers' Trainer saves and resumes through model.save_pretrained / load_state_dict: make those write and
     # read a lorakit adapter (never the base). Local import: integrations.hf imports persist, which imports inject.
     from .integrations.hf import install_trainer_hooks
 
     install_trainer_hooks(model)
+    install_routing(model)
+
+
+def _set_state(model: nn.Module, active, trained) -> None:
+    """Record which adapters are active and which train on every host; only the latter's parameters get grads."""
+    active, trained = tuple(active), tuple(trained)
+    for _, host in hosts(model):
+        host.active, host.trained = active, trained
+    for adapter in adapter_names(model):
+        for param in adapter_parameters(model, adapter):
+            param.requires_grad_(adapter in trained)
+
+
+def set_active(model: nn.Module, adapters: str | list[str] | None, *, train: str | list[str] | None = ...) -> nn.Module:
+    """Select the adapters the model runs: one name, a list (their updates add up, in order), or None (the base).
+
+    `train` names the active adapters whose parameters train (default: all of them); the others stay frozen, for
+    training one adapter on top of others. As in PEFT's `set_adapter`.
+    """
+    names = _names(model, adapters)
+    trained = names if train is ... else _names(model, train)
+    idle = [name for name in trained if name not in names]
+    if idle:
+        raise ConfigError(f"train={idle[0]!r} is not among the active adapters {names}; activate it first")
+    merged = [name for name in adapter_names(model) for _, layer in adapter_layers(model, name) if layer.merged]
+    if merged and tuple(names) != tuple(active_adapters(model)):
+        raise ConfigError(f"adapter {merged[0]!r} is merged; call lorakit.unmerge(model) before changing adapters")
+    _set_state(model, names, trained)
+    return model
+
+
+def _names(model: nn.Module, adapters) -> list[str]:
+    if not is_adapted(model):
+        raise ConfigError("the model has no lorakit adapters; call lorakit.adapt(model, config) first")
+    if adapters is None:
+        return []
+    names = [adapters] if isinstance(adapters, str) else list(adapters)
+    existing = adapter_names(model)
+    unknown = [name for name in names if name not in existing]
+    if unknown:
+        raise ConfigError(f"the model has no adapter named {unknown[0]!r}; its adapters: {existing}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"adapters {names} name one adapter twice; name each once")
+    return names
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """Remove one adapter (not the model's last: `lorakit.unload` removes them all)."""
+    _require_adapted(model, adapter)
+    if len(adapter_names(model)) == 1:
+        raise ConfigError(f"{adapter!r} is the model's only adapter; call lorakit.unload(model) to remove it")
+    if any(layer.merged for _, layer in adapter_layers(model, adapter)):
+        raise ConfigError(f"adapter {adapter!r} is merged; call lorakit.unmerge(model) before deleting it")
+    active = [name for name in active_adapters(model) if name != adapter]
+    trained = [name for name in trained_adapters(model) if name != adapter]
+    for target, host in list(hosts(model)):
+        if adapter in host.adapters:
+            host.remove(adapter)
+            host.__dict__.pop("_route_stacks", None)
+        if not host.adapters:
+            _set_module(model, target, host.base_layer)
+    if shared_parameters(model, adapter) is not None:
+        delattr(model, shared_attribute(adapter))
+    _set_state(model, active, trained)
+    return model
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    method: str
+    r: int
+    parameters: int  # trained parameters (each layer's and the shared ones)
+    modules: int
+    active: bool
+
+
+def adapters(model: nn.Module) -> list[AdapterInfo]:
+    """Each adapter of the model: name, method, rank, parameter count, modules, whether active."""
+    infos = []
+    active = active_adapters(model)
+    for name in adapter_names(model):
+        layers = [layer for _, layer in adapter_layers(model, name)]
+        parameters = sum(p.numel() for p in adapter_parameters(model, name))
+        infos.append(AdapterInfo(name, layers[0].method, layers[0].config.r, parameters, len(layers), name in active))
+    return infos
 
 
 def _remove_shared(model: nn.Module) -> None:
-    if shared_parameters(model) is not None:
-        delattr(model, SHARED)
+    for adapter in adapter_names(model):
+        if shared_parameters(model, adapter) is not None:
+            delattr(model, shared_attribute(adapter))
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold s·ΔW into every base weight; refused if already merged. Inference then costs nothing extra."""
-    layers = _require_adapted(model)
-    if any(layer.merged for _, layer in layers):
+def _merge_targets(model: nn.Module, adapter: str | None) -> list[str]:
+    """The adapters a merge means: `adapter`, or every active one."""
+    _require_adapted(model, adapter)
+    names = [adapter] if adapter is not None else active_adapters(model)
+    if not names:
+        raise ConfigError("no adapter is active, so there is nothing to merge; name one: merge(model, adapter=...)")
+    return names
+
+
+def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
+    """Fold s·ΔW of `adapter` (default: every active adapter) into the base weights; refused if already merged.
+    Inference then costs nothing extra."""
+    layers = [layer for name in _merge_targets(model, adapter) for _, layer in adapter_layers(model, name)]
+    if any(layer.merged for layer in layers):
         raise ConfigError("the model is already merged; call lorakit.unmerge(model) before merging again")
     done = []
     try:
-        for _, layer in layers:
+        for layer in layers:
             layer.merge()
             done.append(layer)
     except Exception:
@@ -214,58 +433,85 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _merged_layers(model: nn.Module) -> list[AdapterLayer]:
+    return [layer for _, host in hosts(model) for layer in host.adapters.values() if layer.merged]
+
+
 def unmerge(model: nn.Module) -> nn.Module:
-    layers = _require_adapted(model)
-    if not any(layer.merged for _, layer in layers):
+    """Subtract every merged adapter's s·ΔW again."""
+    _require_adapted(model)
+    merged = _merged_layers(model)
+    if not merged:
         raise ConfigError("the model is not merged; nothing to unmerge")
-    for _, layer in layers:
-        if layer.merged:
-            layer.unmerge()
+    for layer in merged:
+        layer.unmerge()
     return model
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Inside the block the model computes exactly the ORIGINAL base model (OLoRA's init mutation undone too)."""
-    layers = [layer for _, layer in _require_adapted(model)]
-    remerge = [layer for layer in layers if layer.merged]
-    previous = [layer.disabled for layer in layers]
+    _require_adapted(model)
+    all_hosts = [host for _, host in hosts(model)]
+    remerge = _merged_layers(model)
+    previous = [host.disabled for host in all_hosts]
     for layer in remerge:
         layer.unmerge()
-    for layer in layers:
-        layer.disabled = True
+    for host in all_hosts:
+        host.disabled = True
     try:
         yield model
     finally:
-        for layer, was in zip(layers, previous):
-            layer.disabled = was
+        for host, was in zip(all_hosts, previous):
+            host.disabled = was
         for layer in remerge:
             layer.merge()
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove the adapters and restore the original base weights; returns the (now plain) model."""
-    for name, layer in _require_adapted(model):
-        _set_module(model, name, layer.restore_base())
+    """Remove every adapter and restore the original base weights; returns the (now plain) model."""
+    _require_adapted(model)
     _remove_shared(model)
+    for name, host in list(hosts(model)):
+        _set_module(model, name, host.restore_base())
+    remove_routing(model)
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the base weights and remove them: a plain model that computes the adapted one.
+def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
+    """Fold `adapter` (default: every active adapter) into the base weights and remove all adapters: a plain model
+    that computes the adapted one.
 
     A quantized base layer (4-bit, 8-bit) becomes a full-precision nn.Linear holding its dequantized weight plus
     s·ΔW: lorakit never re-quantizes a merged weight (that would add a rounding the adapter never saw)."""
-    layers = _require_adapted(model)
-    dense = {name: layer.dense_merged() for name, layer in layers if not layer.frozen.can_merge}
-    if not dense and not all(layer.merged for _, layer in layers):
-        merge(model)  # all or nothing
-    for name, layer in layers:
-        if name not in dense and not layer.merged:
-            layer.merge()
-    for name, layer in layers:
-        _set_module(model, name, dense.get(name, layer.base_layer))
+    names = _merge_targets(model, adapter)
+    stray = [layer.adapter_name for layer in _merged_layers(model) if layer.adapter_name not in names]
+    if stray:
+        raise ConfigError(f"adapter {stray[0]!r} is merged but not being kept; call lorakit.unmerge(model) first")
+    chosen = {target: [host.adapters[n] for n in names if n in host.adapters] for target, host in hosts(model)}
+    dense = {}
+    for target, layers in chosen.items():
+        if layers and not layers[0].frozen.can_merge:
+            linear = layers[0].dense_merged()
+            with torch.no_grad():
+                for other in layers[1:]:
+                    linear.weight += other.total_delta_linear().to(linear.weight.dtype)
+            dense[target] = linear
+    pending = [layer for target, layers in chosen.items() if target not in dense for layer in layers]
+    done = []
+    try:
+        for layer in pending:
+            if not layer.merged:
+                layer.merge()
+                done.append(layer)
+    except Exception:
+        for layer in done:
+            layer.unmerge()
+        raise
     _remove_shared(model)
+    for target, host in list(hosts(model)):
+        _set_module(model, target, dense.get(target, host.base_layer))
+    remove_routing(model)
     return model
 
 
@@ -288,9 +534,10 @@ class Summary:
         return "\n".join(lines)
 
 
-def summary(model: nn.Module) -> Summary:
-    """Trainable / total parameter counts and a per-module table (frozen buffers are not parameters)."""
-    layers = _require_adapted(model)
+def summary(model: nn.Module, adapter: str | None = None) -> Summary:
+    """Trainable / total parameter counts and a per-module table of one adapter (frozen buffers are not
+    parameters)."""
+    layers = _require_adapted(model, adapter)
     rows = [
         (
             name,
@@ -301,7 +548,7 @@ def summary(model: nn.Module) -> Summary:
         )
         for name, layer in layers
     ]
-    shared = shared_parameters(model)
+    shared = shared_parameters(model, layers[0][1].adapter_name)
     if shared is not None:
         rows.append(
             (

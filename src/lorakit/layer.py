@@ -1,8 +1,11 @@
-"""`AdapterLayer`: the one shared wrapper around a frozen linear layer.
+"""`AdapterLayer`: one adapter of a frozen linear layer, the base class of every method.
 
     y = base_layer(x) + s * B (A x)          (A: r x in, B: out x r, s = alpha / r)
 
-A method (one file in `lorakit/methods/`) subclasses it and supplies only what differs:
+The model holds, in place of each adapted module, an `lorakit.adapted.AdaptedLayer`: it owns the base layer and any
+number of named adapters (instances of this class), and routes rows to them. An adapter reads the base through a
+plain reference (`base_layer`, `frozen`), never owning it. A method (one file in `lorakit/methods/`) subclasses
+this and supplies only what differs:
 
 - `build()`: create its parameters and buffers (and regenerate frozen random ones from the seed),
 - `initialize()`: draw the trained factors that start random (OLoRA: factor the weight),
@@ -10,7 +13,7 @@ A method (one file in `lorakit/methods/`) subclasses it and supplies only what d
   a method whose update is not such a product overrides `add_update` (forward) and `delta_linear` (merge),
 - `trainable`: the names of its trained parameters, `stored`: the tensors a file must keep.
 
-Forward, merge, unmerge, disable and unload live here, once. No method changes the base weight outside `merge`,
+Forward, merge, unmerge, disable and unload live here and in `AdaptedLayer`, once. No method changes the base weight outside `merge`,
 so `disabled()` and `unload()` give the original weights bit for bit. Both nn.Linear (weight out x in) and transformers'
 Conv1D (GPT-2, weight in x out) are handled by reading the weight in the nn.Linear layout.
 """
@@ -38,6 +41,13 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a supported layer."""
     base = frozen_base(module)
     return base.in_features, base.out_features
+
+
+def frozen_output(frozen, weight_noise, x: torch.Tensor) -> torch.Tensor:
+    """A frozen base's output for x; under Flat-LoRA's `weight_noise`, that of a temporary W + ε."""
+    if weight_noise is None:
+        return frozen.output(x)
+    return torch.nn.functional.linear(x, weight_noise.perturbed(frozen.dense_weight()), frozen.bias)
 
 
 class AdapterLayer(nn.Module):
@@ -71,9 +81,11 @@ class AdapterLayer(nn.Module):
                 f"{name} is a {type(base_layer).__name__}, which lorakit cannot adapt; target linear layers "
                 "(nn.Linear, Conv1D, bitsandbytes 4-bit / 8-bit, torchao NF4)"
             )
-        object.__setattr__(self, "frozen", frozen)  # a plain reference: base_layer is the registered submodule
+        object.__setattr__(self, "frozen", frozen)  # plain references: the `AdaptedLayer` host owns the base layer
+        object.__setattr__(self, "base_layer", base_layer)
+        object.__setattr__(self, "host", None)  # set by `AdaptedLayer.add`
+        self.adapter_name = "default"
         self.base_fingerprint = fingerprint or frozen_fingerprint(frozen)
-        self.base_layer = base_layer
         self.name = name
         self.config = config
         self.fan_in_fan_out = frozen.transposed
@@ -82,8 +94,8 @@ class AdapterLayer(nn.Module):
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.merged = False
-        self.disabled = False
-        self.weight_noise = None  # Flat-LoRA's ε during a training step: has .perturbed(W) -> W + ε
+        self._disabled = False
+        self._weight_noise = None
         # Chain of LoRA's finished links, frozen: (A, s·B) of rank Σ r_j, added to the update (plain tensors, not
         # buffers: a procedure owns and saves them)
         self.frozen_links: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -232,21 +244,58 @@ class AdapterLayer(nn.Module):
             return fused.view(out.shape)
         return out + (low @ (b.T * scale)).to(out.dtype)
 
+    # the base's state, kept by the host (several adapters share one base): a disabled host computes the base,
+    # and Flat-LoRA's ε (`weight_noise`, has .perturbed(W) -> W + ε) perturbs the base under every adapter
+    @property
+    def disabled(self) -> bool:
+        return self.host.disabled if self.host is not None else self._disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        if self.host is not None:
+            self.host.disabled = value
+        else:
+            self._disabled = value
+
+    @property
+    def weight_noise(self):
+        return self.host.weight_noise if self.host is not None else self._weight_noise
+
+    @weight_noise.setter
+    def weight_noise(self, value) -> None:
+        if self.host is not None:
+            self.host.weight_noise = value
+        else:
+            self._weight_noise = value
+
     def base_output(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer's output; with `weight_noise` set, that of W + ε, computed from a temporary W + ε so
         that the stored weight is never written (see `lorakit.procedures.flat`)."""
-        if self.weight_noise is None:
-            return self.frozen.output(x)
-        weight = self.weight_noise.perturbed(self.base_weight_linear())
-        return torch.nn.functional.linear(x, weight, self.base_layer.bias)
+        return frozen_output(self.frozen, self.weight_noise, x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_output(x)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out + this adapter's update; `out` defaults to the base output (the host passes the running sum when
+        several adapters are active)."""
+        if out is None:
+            out = self.base_output(x)
         if self.merged or self.disabled:
             return out
         if self.frozen_links is not None:
             out = self._add_low_rank(out, x, *self.frozen_links, scale=1.0)
         return self.add_update(out, x)
+
+    def route_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) with B·A = s·ΔW plus any frozen links, relative to the original base, in the factors' dtype: what
+        a mixed batch multiplies each row by (`lorakit.routing`). None where the update is not low rank."""
+        factors = self.export_factors()
+        if factors is None:
+            return None
+        a, b = (t.to(self.factor_dtype) for t in factors)
+        b = b * self.scale
+        if self.frozen_links is not None:
+            link_a, link_b = self.frozen_links
+            a, b = torch.cat([a, link_a.to(a.dtype)]), torch.cat([b, link_b.to(b.dtype)], dim=1)
+        return a, b
 
     def total_delta_linear(self) -> torch.Tensor:
         """s·ΔW plus any frozen links, dense, nn.Linear layout: what merge folds into the weight."""

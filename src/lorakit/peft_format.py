@@ -41,7 +41,7 @@ from torch import nn
 from .atomic import prepare_directory, write_bytes, write_json
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
-from .inject import _require_adapted, adapter_layers, build_layers, install
+from .inject import _require_adapted, build_layers, install, is_adapted
 from .layer import is_supported_layer
 from .persist import read_json
 
@@ -264,7 +264,7 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
             raise AdapterFileError(f"{directory}: module {name} lacks a rank-{rank} lora_A/lora_B pair")
     layers, configs = {}, {}
     try:
-        if any(True for _ in adapter_layers(model)):
+        if is_adapted(model):
             raise ConfigError("the model already has adapters; import onto a fresh base model")
         groups: dict[tuple, list[str]] = {}  # modules of one (r, alpha) are built together
         for name in sorted(factors):

@@ -63,11 +63,13 @@ from .fingerprint import (
 from .inject import (
     SHARED,
     _require_adapted,
-    adapter_layers,
+    adapter_parameters,
     build_layers,
     install,
+    is_adapted,
+    new_adapter_name,
     shared_parameters,
-    trainable_parameters,
+    targetable_modules,
 )
 from .layer import is_supported_layer, linear_shape
 from .methods import METHODS
@@ -81,16 +83,19 @@ MAX_MODULES = 100_000
 MAX_DIM = 1 << 24
 
 
-def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> Path:
-    """Write the model's adapter to `directory` atomically; returns the directory.
+def save_adapter(model: nn.Module, directory, *, name: str | None = None, layers: dict | None = None) -> Path:
+    """Write one adapter of the model to `directory` atomically; returns the directory.
 
+    `name`: which adapter (default: the only one, or the one in training, or the only active one). The file is
+    the same whatever the adapter's name in the model: `load_adapter(..., name=...)` names it again.
     `layers` ({module name: AdapterLayer}) saves those layers instead of the model's own (Chain of LoRA writes its
     finished links and the current one as a single LoRA this way); they must wrap the model's base layers.
     """
     own = layers is None
     if own:
-        layers = _require_adapted(model)
-        trainable = sum(p.numel() for p in trainable_parameters(model))
+        layers = _require_adapted(model, name)
+        adapter = layers[0][1].adapter_name
+        trainable = sum(p.numel() for p in adapter_parameters(model, adapter))
     else:
         layers = list(layers.items())
         trainable = sum(p.numel() for _, layer in layers for p in layer.trainable_parameters().values())
@@ -117,7 +122,7 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
         recomputed = layer.recomputed_factors()
         if recomputed is not None:  # checked when the factors are rebuilt on load (`lorakit.fingerprint`)
             modules[name]["update_sketch"] = sketch_to_json(update_sketch(*recomputed, layer.scale))
-    shared, shared_info = shared_parameters(model) if own else None, None
+    shared, shared_info = shared_parameters(model, adapter) if own else None, None
     if shared is not None:  # stored once, not per layer
         stored = {key: value.detach().to("cpu").contiguous() for key, value in shared.stored_tensors().items()}
         tensors.update({f"{SHARED}.{key}": value for key, value in stored.items()})
@@ -362,7 +367,7 @@ def _compare_base(
     model: nn.Module, metadata: dict, config: AdapterConfig, *, strict: bool
 ) -> tuple[dict[str, Fingerprint], tuple | None]:
     """`check_base` without its dtype warning: (current fingerprints, (saved dtype, current dtype) or None)."""
-    named = dict(model.named_modules())
+    named = targetable_modules(model)  # an adapted model's modules stand for their bases (a second adapter)
     current, different, other_dtype = {}, [], []
     for name, info in metadata["modules"].items():
         module = named.get(name)
@@ -473,14 +478,21 @@ def _same_once_quantized(saved: Fingerprint, weight, settings: dict, verdict: st
     return SAME_OTHER_DTYPE if difference <= REQUANTIZED_TOLERANCE else DIFFERENT
 
 
-def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Module:
-    """Apply the adapter in `directory` to `model` (a fresh ORIGINAL base model), in place; returns the model.
+def load_adapter(model: nn.Module, directory, *, name: str | None = None, strict: bool = True) -> nn.Module:
+    """Apply the adapter in `directory` to `model` (its ORIGINAL base model), in place; returns the model.
 
-    `strict=False` turns a base-weight mismatch into a warning (shapes must still match).
+    On a plain model the adapter is "default" (or `name`) and active. On an adapted model it is added beside the
+    others under `name` (required, new) and stays idle until `set_active` (as PEFT's `load_adapter`); the base
+    check applies to each adapter. `strict=False` turns a base-weight mismatch into a warning (shapes must still
+    match).
     """
     metadata, config, tensors = read_adapter(directory)
-    if any(True for _ in adapter_layers(model)):
-        raise ConfigError("the model already has adapters; load the adapter onto a fresh base model")
+    if is_adapted(model) and name is None:
+        raise ConfigError(
+            "the model already has adapters; name this one: load_adapter(model, directory, name=...), or load it "
+            "onto a fresh base model"
+        )
+    adapter = new_adapter_name(model, name)
     fingerprints, other_dtype = _compare_base(model, metadata, config, strict=strict)
     layer_cls = METHODS[config.method]
     configs = {name: module_config(config, info) for name, info in metadata["modules"].items()}
@@ -498,7 +510,7 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
     try:
         for names in groups.values():
             exact = dataclasses.replace(configs[names[0]], targets=names, exclude=None)
-            layers.update(build_layers(model, exact, initialize=False, fingerprints=fingerprints))
+            layers.update(build_layers(model, exact, initialize=False, fingerprints=fingerprints, name=adapter))
     except ConfigError as exc:
         raise AdapterFileError(f"adapter at {directory} cannot be applied: {exc}") from None
     layers = {name: layers[name] for name in metadata["modules"]}  # the file's order
@@ -534,5 +546,5 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
                 "checked it) cannot tell; re-save it on the base it was trained on to have it checked"
             )
         warnings.warn(message, stacklevel=2)
-    install(model, layers)
+    install(model, layers, name=adapter)
     return model

@@ -29,7 +29,7 @@ import contextlib
 from transformers import TrainerCallback
 
 from ..errors import ConfigError
-from ..inject import adapter_layers
+from ..inject import is_adapted
 from ..options import validate_options
 from ..procedures.base import Procedure, TrainingState
 from .hf import attach_procedure
@@ -80,7 +80,7 @@ class ProcedureCallback(TrainerCallback):
     def _prepare(self, args, model) -> None:
         procedure = self.procedure
         name = procedure.name
-        if model is None or not any(True for _ in adapter_layers(model)):
+        if model is None or not is_adapted(model):
             raise ConfigError(
                 f"ProcedureCallback({name!r}) needs a lorakit-adapted model; call lorakit.adapt(model, config) "
                 "before creating the Trainer"

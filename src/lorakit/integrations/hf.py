@@ -44,7 +44,7 @@ from ..atomic import write_bytes
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, BaseModelMismatchError, ConfigError
 from ..fingerprint import DIFFERENT, SAME_OTHER_DTYPE, Fingerprint, tolerance
-from ..inject import SHARED, _require_adapted, adapter_layers, shared_parameters
+from ..inject import SHARED, _require_adapted, adapter_layers, is_adapted, shared_parameters
 from ..persist import read_adapter, save_adapter
 
 RESUME_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME: the file the Trainer loads on resume
@@ -117,7 +117,7 @@ class _SavePretrained:
 
 def _save_pretrained(model, save_directory, is_main_process=True, state_dict=None, push_to_hub=False, **kwargs):
     """`PreTrainedModel.save_pretrained` of an adapted model: a lorakit adapter directory (see the module doc)."""
-    if not any(True for _ in adapter_layers(model)):  # lorakit.unload / merge_and_unload: a plain model again
+    if not is_adapted(model):  # lorakit.unload / merge_and_unload: a plain model again
         return type(model).save_pretrained(
             model,
             save_directory,
@@ -260,7 +260,7 @@ def _parse_header(tensor: torch.Tensor) -> dict:
 
 def restore(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Check a resume file (header + tensors) against the adapted model, then load it (adapter and procedure)."""
-    if not any(True for _ in adapter_layers(model)):
+    if not is_adapted(model):
         raise ConfigError(
             "the checkpoint holds a lorakit adapter but the model has none; call lorakit.adapt(model, config) with "
             "the run's config before resuming"

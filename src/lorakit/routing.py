@@ -1,0 +1,250 @@
+"""A mixed batch: each row of a batch uses its own adapter, or none, in one forward pass.
+
+    y_i = base(x_i) + B_{a(i)} A_{a(i)} x_i          (B_a A_a = s_a·ΔW_a, from `AdapterLayer.route_factors`)
+
+The batched formulation of Punica's BGMV (Chen et al., arXiv:2310.18547) and S-LoRA (Sheng et al.,
+arXiv:2311.03285), in plain torch: every adapter's factors of a layer are stacked once, zero-padded to the largest
+rank, with slot 0 all zeros for the rows that use the base; a row gathers its slot, and two batched products
+(`torch.bmm`) add every row's update. No Python loop over adapters or rows in the forward. PEFT's `adapter_names`
+instead runs each adapter on its sub-batch in turn.
+
+LoRA-Mini adapters that share their frozen outer matrices (same seed and `mini_outer`, so the same A_out, B_out)
+are stacked by their inner factors only: A_out·x is computed once for all rows, then the per-row r x a and b x r
+products, then B_out once, so sixteen of them cost about what one costs.
+
+A method whose update is not low rank (MoRA's rotation / compression) has no factors: its rows run its own
+forward on their sub-batch, the one case with a loop (over those adapters only).
+
+Entry points: `model(input_ids, adapter_names=[...])` (a forward pre-hook of the adapted model takes the names out
+of the call), `model.generate(..., adapter_names=[...])` (the adapted model's `generate` routes every step), and
+`with lorakit.mixed_batch(model, names):` around any other call. "base" and PEFT's "__base__" name a row without an
+adapter. Inference only: a model in training mode refuses, as PEFT does.
+
+Stacks are cached per layer and rebuilt when an adapter's tensors change (their version counters), so serving
+pays for them once; a hot swap (`lorakit.hotswap_adapter`) writes in place and is picked up the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass
+class Routing:
+    """The adapter name of each row, for one forward pass of the model (set by `lorakit.inject`'s pre-hook)."""
+
+    rows: tuple[str, ...]
+    slots: dict = field(default_factory=dict)  # (adapter names of a layer) -> row slot index tensor, per device
+
+    def slot_index(self, names: tuple[str, ...], device) -> torch.Tensor:
+        key = (names, str(device))
+        index = self.slots.get(key)
+        if index is None:
+            slot = {name: i + 1 for i, name in enumerate(names)}
+            index = torch.tensor([slot.get(row, 0) for row in self.rows], device=device)
+            self.slots[key] = index
+        return index
+
+
+def _version_key(layer) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in (*layer.parameters(), *layer.buffers()))
+
+
+def _shared_outer(layers) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A_out, B_out) when every layer is LoRA-Mini with the same outer matrices and no frozen links, else None."""
+    first = layers[0]
+    if first.method != "mini" or first.frozen_links is not None:
+        return None
+    for layer in layers[1:]:
+        if layer.method != "mini" or layer.frozen_links is not None:
+            return None
+        same = layer.A_out is first.A_out or (
+            layer.A_out.shape == first.A_out.shape
+            and layer.B_out.shape == first.B_out.shape
+            and torch.equal(layer.A_out, first.A_out)
+            and torch.equal(layer.B_out, first.B_out)
+        )
+        if not same:
+            return None
+    return first.A_out, first.B_out
+
+
+@torch.no_grad()
+def _stack(layers, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot 0 zeros, slot i the i-th pair (a: r_i x n, b: m x r_i), zero-padded to the largest rank."""
+    rank = max(a.shape[0] for a, _ in pairs)
+    a0, b0 = pairs[0]
+    stacked_a = a0.new_zeros(len(pairs) + 1, rank, a0.shape[1])
+    stacked_b = b0.new_zeros(len(pairs) + 1, b0.shape[0], rank)
+    for i, (a, b) in enumerate(pairs, start=1):
+        stacked_a[i, : a.shape[0]] = a
+        stacked_b[i, :, : b.shape[1]] = b
+    return stacked_a, stacked_b
+
+
+class _Stacks:
+    """One layer's cached stacks for one tuple of adapter names."""
+
+    def __init__(self, layers):
+        self.key = tuple(_version_key(layer) for layer in layers)
+        outer = _shared_outer(layers)
+        if outer is not None:  # Mini with shared outer matrices: stack the inner factors only
+            self.outer = outer
+            pairs = [(layer.A_in.detach(), (layer.B_in * layer.scale).detach()) for layer in layers]
+        else:
+            self.outer = None
+            pairs = [layer.route_factors() for layer in layers]
+        self.low_rank = all(pair is not None for pair in pairs)
+        self.a, self.b = _stack(layers, [(a.detach(), b.detach()) for a, b in pairs]) if self.low_rank else (None, None)
+
+
+def _stacks(host, names: tuple[str, ...]) -> _Stacks:
+    layers = [host.adapters[name] for name in names]
+    cache = host.__dict__.setdefault("_route_stacks", {})
+    cached = cache.get(names)
+    if cached is None or cached.key != tuple(_version_key(layer) for layer in layers):
+        cached = cache[names] = _Stacks(layers)
+    return cached
+
+
+def routed_forward(host, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The host layer's output for a mixed batch (see the module docstring)."""
+    rows = routing.rows
+    if x.shape[0] != len(rows):
+        raise ConfigError(
+            f"adapter_names has {len(rows)} names but a layer got {x.shape[0]} rows; pass one name per row of the "
+            "batch (generate: without beams or several sequences per prompt)"
+        )
+    out = host.base_output(x)
+    names = tuple(name for name in dict.fromkeys(rows) if name in host.adapters)
+    if not names:
+        return out
+    merged = [name for name in names if host.adapters[name].merged]
+    if merged:
+        raise ConfigError(f"adapter {merged[0]!r} is merged; call lorakit.unmerge(model) before a mixed batch")
+    stacks = _stacks(host, names)
+    index = routing.slot_index(names, x.device)
+    if not stacks.low_rank:
+        return _per_adapter(host, x, out, names, index)
+    h = x.reshape(x.shape[0], -1, x.shape[-1]).to(stacks.a.dtype)
+    if stacks.outer is not None:
+        a_out, b_out = stacks.outer
+        inner = torch.bmm(torch.bmm(h @ a_out.T, stacks.a[index].transpose(1, 2)), stacks.b[index].transpose(1, 2))
+        update = inner @ b_out.T
+    else:
+        update = torch.bmm(torch.bmm(h, stacks.a[index].transpose(1, 2)), stacks.b[index].transpose(1, 2))
+    return out + update.reshape(out.shape).to(out.dtype)
+
+
+def _per_adapter(host, x, out, names, index) -> torch.Tensor:
+    """Rows of adapters without low-rank factors: each adapter's own forward on its sub-batch."""
+    out = out.clone()
+    for slot, name in enumerate(names, start=1):
+        rows = (index == slot).nonzero().flatten()
+        if len(rows):
+            out[rows] = host.adapters[name](x[rows], out[rows])
+    return out
+
+
+ROUTING_HOOKS = "_lorakit_routing_hooks"  # where the adapted model keeps its pre-hook, post-hook and generate
+STICKY = "_lorakit_sticky_routing"  # a routing that holds across forwards (generate, `mixed_batch`)
+
+
+def _routing(model: nn.Module, names) -> Routing:
+    from .adapted import BASE_ROW_NAMES
+    from .inject import adapter_names
+
+    if model.training:
+        raise ConfigError("adapter_names is for inference (a mixed batch); call model.eval() first")
+    if isinstance(names, str):
+        raise ConfigError("adapter_names must be a list with one adapter name per row, not a string")
+    rows = tuple(names)
+    known = adapter_names(model)
+    unknown = sorted({row for row in rows if row not in BASE_ROW_NAMES} - set(known))
+    if unknown:
+        raise ConfigError(
+            f"adapter_names has {unknown[0]!r}, which is not an adapter of the model ({known}); use one of those "
+            "or 'base'"
+        )
+    return Routing(rows)
+
+
+def _set(model: nn.Module, routing: Routing | None) -> None:
+    from .inject import hosts
+
+    for _, host in hosts(model):
+        host.routing = routing
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names):
+    """Inside the block, row i of every forward of `model` uses adapter `adapter_names[i]` ("base": none)."""
+    routing = _routing(model, adapter_names)
+    previous = model.__dict__.get(STICKY)
+    model.__dict__[STICKY] = routing
+    try:
+        yield model
+    finally:
+        model.__dict__[STICKY] = previous
+        _set(model, None)
+
+
+def _before_forward(model, args, kwargs):
+    names = kwargs.pop("adapter_names", None)
+    routing = _routing(model, names) if names is not None else model.__dict__.get(STICKY)
+    _set(model, routing)
+    return args, kwargs
+
+
+def _after_forward(model, args, output):
+    _set(model, None)
+    return output
+
+
+class _RoutedGenerate:
+    """The adapted model's `generate`: takes `adapter_names` and routes every step's forward."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        generate = type(self.model).generate.__get__(self.model)
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        with mixed_batch(self.model, adapter_names):
+            return generate(*args, **kwargs)
+
+    def __reduce__(self):
+        return (_RoutedGenerate, (self.model,))
+
+
+def install_routing(model: nn.Module) -> None:
+    """Give an adapted model its `adapter_names=` argument (forward and generate); idempotent."""
+    if ROUTING_HOOKS in model.__dict__:
+        return
+    patched = callable(getattr(type(model), "generate", None))
+    if patched:
+        object.__setattr__(model, "generate", _RoutedGenerate(model))
+    model.__dict__[ROUTING_HOOKS] = (
+        model.register_forward_pre_hook(_before_forward, with_kwargs=True),
+        model.register_forward_hook(_after_forward),
+        patched,
+    )
+
+
+def remove_routing(model: nn.Module) -> None:
+    hooks = model.__dict__.pop(ROUTING_HOOKS, None)
+    if hooks is None:
+        return
+    before, after, patched = hooks
+    before.remove()
+    after.remove()
+    if patched:
+        model.__dict__.pop("generate", None)
+    model.__dict__.pop(STICKY, None)
