@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import UNSUPPORTED, VARIANTS, make_config, perturb_adapters, tiny_llama
 from safetensors.torch import load_file
 
 import lorakit
-from conftest import UNSUPPORTED, VARIANTS, make_config, perturb_adapters, tiny_llama
 
 LLAMA_VARIANTS = [v for v in VARIANTS if (v, "llama") not in UNSUPPORTED]
 FIXTURES = Path(__file__).parent / "fixtures" / "adapters-0.1.0"

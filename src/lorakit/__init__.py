@@ -3,6 +3,7 @@
 __version__ = "0.1.0"  # before the imports: persist records it in every adapter file
 
 from . import integrations, optim  # lorakit.integrations.ProcedureCallback, lorakit.optim.LoraRite
+from .combine import add_weighted_adapter
 from .config import AdapterConfig
 from .errors import (
     AdapterFileError,
@@ -12,6 +13,7 @@ from .errors import (
     LorakitError,
     ModelLoadError,
 )
+from .hotswap import hotswap_adapter
 from .inject import (
     adapt,
     adapter_layers,
@@ -29,6 +31,7 @@ from .layer import AdapterLayer
 from .methods import METHODS
 from .peft_format import export_peft, import_peft
 from .persist import load_adapter, read_adapter, save_adapter
+from .routing import mixed_batch
 
 __all__ = [
     "METHODS",
@@ -43,7 +46,10 @@ __all__ = [
     "LorakitError",
     "ModelLoadError",
     "adapt",
+    "add_weighted_adapter",
     "adapter_layers",
+    "hotswap_adapter",
+    "mixed_batch",
     "adapters",
     "delete_adapter",
     "set_active",

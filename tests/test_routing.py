@@ -1,0 +1,134 @@
+"""A mixed batch (lorakit.routing): each row with its own adapter, or the base, in one forward."""
+
+import pytest
+import torch
+
+import lorakit
+from conftest import UNSUPPORTED, VARIANTS, make_config, perturb_adapters, tiny_llama
+
+LLAMA_VARIANTS = [v for v in VARIANTS if (v, "llama") not in UNSUPPORTED]
+IDS = torch.randint(0, 64, (5, 7), generator=torch.Generator().manual_seed(3))
+
+
+def adapted(variants, seeds=None):
+    model = tiny_llama()
+    for i, variant in enumerate(variants):
+        name = None if i == 0 else f"a{i}"
+        lorakit.adapt(model, make_config(variant, seed=(seeds or range(10, 30))[i], r=2 + 2 * i), name=name)
+        perturb_adapters(model, seed=40 + i, adapter=name or "default")
+    return model.eval()
+
+
+def alone(model, name, ids):
+    lorakit.set_active(model, None if name == "base" else name)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("variant", LLAMA_VARIANTS)
+def test_each_row_equals_that_row_run_alone(variant):
+    """Two adapters of one method (ranks 2 and 4) and the base, interleaved: within 1e-5 of each row alone."""
+    model = adapted([variant, variant])
+    rows = ["default", "a1", "base", "a1", "__base__"]
+    with torch.no_grad():
+        mixed = model(IDS, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        expected = alone(model, "base" if name == "__base__" else name, IDS[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], expected, rtol=0, atol=1e-5)
+
+
+def test_methods_mixed_in_one_batch():
+    variants = ["lora", "olora", "mora", "lorta", "mini-orthonormal"]
+    model = adapted(variants)
+    names = ["default", "a1", "a2", "a3", "a4"]
+    with torch.no_grad():
+        mixed = model(IDS, adapter_names=names).logits
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i : i + 1], alone(model, name, IDS[i : i + 1]), rtol=0, atol=1e-5)
+
+
+def test_mixed_batch_equals_peft_adapter_names():
+    peft = pytest.importorskip("peft")
+    model = adapted(["lora", "lora", "lora"])
+    ours = {name: dict(lorakit.adapter_layers(model, name)) for name in ("default", "a1", "a2")}
+    first = ours["default"]["model.layers.0.self_attn.q_proj"]
+    reference = peft.get_peft_model(
+        tiny_llama(),
+        peft.LoraConfig(r=first.r, lora_alpha=first.config.alpha, target_modules="all-linear"),
+        adapter_name="default",
+    )
+    for name in ("a1", "a2"):
+        layer = next(iter(ours[name].values()))
+        reference.add_adapter(
+            name, peft.LoraConfig(r=layer.r, lora_alpha=layer.config.alpha, target_modules="all-linear")
+        )
+    with torch.no_grad():
+        for module_name, module in reference.named_modules():
+            if hasattr(module, "lora_A") and module_name.endswith(("_proj",)):
+                target = module_name.removeprefix("base_model.model.")
+                for name, layers in ours.items():
+                    module.lora_A[name].weight.copy_(layers[target].A)
+                    module.lora_B[name].weight.copy_(layers[target].B)
+    reference.eval()
+    rows = ["a2", "__base__", "default", "a1", "a2"]
+    with torch.no_grad():
+        expected = reference(input_ids=IDS, adapter_names=rows).logits
+        got = model(IDS, adapter_names=rows).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_generate_routes_every_step():
+    model = adapted(["lora", "lora"])
+    with torch.no_grad():
+        for layer in (layer for name in ("default", "a1") for _, layer in lorakit.adapter_layers(model, name)):
+            layer.B.mul_(20)  # large enough updates that the greedy tokens differ between adapters
+    ids = IDS[:3]
+    rows = ["a1", "base", "default"]
+    mask = torch.ones_like(ids)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, adapter_names=rows)
+    singles = []
+    for i, name in enumerate(rows):
+        lorakit.set_active(model, None if name == "base" else name)
+        singles.append(model.generate(ids[i : i + 1], attention_mask=mask[:1], max_new_tokens=6, do_sample=False))
+    assert all(torch.equal(out[i], single[0]) for i, single in enumerate(singles))
+    assert len({tuple(s[0, -6:].tolist()) for s in singles}) > 1  # the adapters really differ
+
+
+def test_routing_is_cleared_after_each_call_and_stacks_follow_the_weights():
+    model = adapted(["lora", "lora"])
+    with torch.no_grad():
+        model(IDS, adapter_names=["a1"] * 5)
+    assert all(host.routing is None for _, host in lorakit.inject.hosts(model))
+    layer = dict(lorakit.adapter_layers(model, "a1"))["model.layers.1.mlp.down_proj"]
+    with torch.no_grad():
+        layer.B.mul_(3)  # an in-place change (an optimizer step, a hot swap) invalidates the cached stacks
+        mixed = model(IDS, adapter_names=["a1"] * 5).logits
+    torch.testing.assert_close(mixed, alone(model, "a1", IDS), rtol=0, atol=1e-5)
+
+
+def test_mini_adapters_of_one_seed_share_outer_matrices_in_the_stack():
+    model = adapted(["mini-orthonormal"] * 3, seeds=[7, 7, 7])
+    host = next(host for _, host in lorakit.inject.hosts(model))
+    with torch.no_grad():
+        mixed = model(IDS, adapter_names=["default", "a1", "a2", "base", "a1"]).logits
+    stacks = next(iter(host.__dict__["_route_stacks"].values()))
+    assert stacks.outer is not None and stacks.a.shape[-1] == 8  # inner factors over mini_a = 8, not `in`
+    for i, name in enumerate(["default", "a1", "a2", "base", "a1"]):
+        torch.testing.assert_close(mixed[i : i + 1], alone(model, name, IDS[i : i + 1]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("names", "match"),
+    [(["default", "zzz", "base", "base", "base"], "not an adapter"), (["default"] * 3, "has 3 names"),
+     ("default", "not a string")],
+)
+def test_bad_adapter_names_are_refused(names, match):
+    model = adapted(["lora", "lora"])
+    with pytest.raises(lorakit.ConfigError, match=match), torch.no_grad():
+        model(IDS, adapter_names=names)
+
+
+def test_mixed_batch_is_for_inference():
+    model = adapted(["lora", "lora"]).train()
+    with pytest.raises(lorakit.ConfigError, match="model.eval"):
+        model(IDS, adapter_names=["default"] * 5)
