@@ -24,14 +24,13 @@ from lorakit.inject import trainable_parameters
 peft = pytest.importorskip("peft")
 
 LLAMA_ATTENTION = {"llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "mixtral", "qwen3-moe"}
-# LoRTA's tensor indexes separate q/k/v/o projections; these architectures have none (refusal tested below)
+# LoRTA's tensor indexes q/k/v/o projections (or Phi-3's fused qkv_proj); these have none (refusal tested below)
 LORTA_REFUSED = {
-    "phi3": "model.layers.0.self_attn.qkv_proj",
     "gpt2": "transformer.h.0.attn.c_attn",
     "bert": "bert.encoder.layer.0.attention.self.query",
     "modernbert": "model.layers.0.attn.Wqkv",
 }
-assert set(ARCHITECTURES) == LLAMA_ATTENTION | set(LORTA_REFUSED)
+assert set(ARCHITECTURES) == LLAMA_ATTENTION | {"phi3"} | set(LORTA_REFUSED)
 CASES = [(a, v) for a in ARCHITECTURES for v in VARIANTS if not (v == "lorta" and a in LORTA_REFUSED)]
 
 
@@ -55,10 +54,11 @@ def bases():
     return get
 
 
-def adapt(base, variant):
+def adapt(arch, base, variant):
+    config = make_config(variant, **({"targets": ["qkv_proj", "o_proj"]} if (arch, variant) == ("phi3", "lorta") else {}))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="targets='all-linear' adapts linear layers only")  # MoE experts
-        return lorakit.adapt(copy.deepcopy(base), make_config(variant))
+        return lorakit.adapt(copy.deepcopy(base), config)
 
 
 def logits(model, inputs):
@@ -72,7 +72,7 @@ INPUTS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed
 def test_contract(arch, variant, bases):
     base = bases(arch)
     expected = logits(base, INPUTS)
-    model = adapt(base, variant)
+    model = adapt(arch, base, variant)
     torch.testing.assert_close(logits(model, INPUTS), expected, atol=1e-5, rtol=1e-5)  # exact init
 
     layers = dict(lorakit.adapter_layers(model))
@@ -121,7 +121,7 @@ def test_contract(arch, variant, bases):
 @pytest.mark.parametrize(("arch", "variant"), CASES, ids=[f"{a}-{v}" for a, v in CASES])
 def test_save_load_and_peft_export(arch, variant, bases, tmp_path):
     base = bases(arch)
-    model = adapt(base, variant)
+    model = adapt(arch, base, variant)
     perturb_adapters(model)
     adapted = logits(model, INPUTS)
     lorakit.save_adapter(model, tmp_path / "adapter")

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import ConfigError
+from .expert_parameters import refuse_expert_targets, warn_frozen_experts
 from .layer import AdapterLayer, SharedParameters, is_supported_layer, linear_shape
 from .methods import METHODS
 
@@ -61,6 +62,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             names = [n for n in names if is_supported_layer(modules[n])]
         else:
             missing = [t for t in config.targets if not any(_matches(n, [t]) for n in names)]
+            refuse_expert_targets(model, config.targets, linear_names, _examples(linear_names))
             if missing:
                 raise ConfigError(
                     f"targets {missing} match no module; some linear modules are: {_examples(linear_names)}"
@@ -98,6 +100,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -
     Every check runs before the model is touched, so a ConfigError leaves the model as it was.
     """
     layers = build_layers(model, config, initialize=initialize)
+    warn_frozen_experts(model, config.targets, stacklevel=2)
     _warn_useless_rank(config, layers)
     install(model, layers)
     return model
