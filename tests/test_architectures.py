@@ -31,7 +31,11 @@ LORTA_REFUSED = {
     "modernbert": "model.layers.0.attn.Wqkv",
 }
 assert set(ARCHITECTURES) == LLAMA_ATTENTION | {"phi3"} | set(LORTA_REFUSED)
-CASES = [(a, v) for a in ARCHITECTURES for v in VARIANTS if not (v == "lorta" and a in LORTA_REFUSED)]
+assert {VARIANTS[v]["method"] for v in VARIANTS} == set(lorakit.METHODS)
+# one variant per method (tests/test_contract.py runs LoRA-Mini's other outer matrices on Llama, GPT-2 and BERT),
+# and MoRA's both kinds: "sharing" is low rank (exported to PEFT), the default RoPE kind is not (export refused)
+METHOD_VARIANTS = [v for v in VARIANTS if not v.startswith("mini-")] + ["mini-orthonormal"]
+CASES = [(a, v) for a in ARCHITECTURES for v in METHOD_VARIANTS if not (v == "lorta" and a in LORTA_REFUSED)]
 
 
 @pytest.fixture(autouse=True, scope="module")
