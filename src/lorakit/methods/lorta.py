@@ -69,7 +69,7 @@ MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")  # the order of C_m's rows (
 KV_MATRICES = ("k_proj", "v_proj")
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # Phi-3: one projection, outputs [q | k | v]
 TARGETS_HINT = (
-    "pass targets q_proj,k_proj,v_proj,o_proj (CLI: --targets q_proj k_proj v_proj o_proj), or qkv_proj,o_proj "
+    "pass targets q_proj,k_proj,v_proj,o_proj (CLI: --targets q_proj,k_proj,v_proj,o_proj), or qkv_proj,o_proj "
     "where q, k and v are fused as in Phi-3"
 )
 
