@@ -90,3 +90,21 @@ def test_targets_naming_experts_are_refused_in_one_line(moe, targets, start, met
                                                                    "v_proj, o_proj, lm_head")
     assert not list(lorakit.adapter_layers(model))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_peft_adapter_on_expert_parameters_is_refused_not_half_imported(moe, tmp_path):
+    """PEFT 0.21 adapts the experts with target_parameters (per expert e: ΔW_e = B_e A_e, lora_A (E·r x in), lora_B
+    (out x E·r)); importing only the attention part of such an adapter would silently drop the experts' update."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts.down_proj"])
+    tuned = peft.get_peft_model(copy.deepcopy(moe), config)
+    tuned.save_pretrained(tmp_path / "peft")
+    base = copy.deepcopy(moe)
+    with pytest.raises(lorakit.AdapterFileError) as error:
+        lorakit.import_peft(base, tmp_path / "peft")
+    message = str(error.value)
+    assert message == (
+        f"{tmp_path / 'peft' / 'adapter_config.json'}: target_parameters ['experts.down_proj'] (LoRA on 3-D parameters such as "
+        "mixture-of-experts weights) cannot be imported; lorakit adapts linear layers only, so load it in PEFT"
+    )
+    assert not list(lorakit.adapter_layers(base))
