@@ -11,6 +11,16 @@ So that nothing is skipped without saying: targets that name an expert parameter
 line naming it, and `targets="all-linear"` (or a regex reaching an experts module) warns that the experts stay
 frozen. A 3-D parameter counts as a stack of experts when its module has `num_experts` equal to its first dimension
 (every transformers experts class has it); convolution kernels, also 3-D, are not experts.
+
+Not done: LoRA on these parameters. What PEFT 0.21 does (peft/tuners/lora/layer.py, `ParamWrapper`), for whoever
+adds it: one wrapper per targeted parameter, nested when a module has two (the last name of `target_parameters` is
+the outer one, so its keys read `experts.lora_A.weight`, the earlier one's `experts.base_layer.lora_A.weight`); for
+a parameter of shape (E, out, in) (`is_transposed` False, as in Mixtral and Qwen3-MoE) lora_A is (E·r x in) with
+A_e = rows e·r … (e+1)·r, lora_B is (out x E·r) with B_e = lora_B.reshape(out, r, E)[:, :, e], ΔW_e = s·B_e A_e,
+A Kaiming-uniform and B zero; no dropout, DoRA or bias. The forward reparametrizes the parameter as W + s·ΔW while
+the module runs. In lorakit such a wrapper is not a linear `AdapterLayer`: persist (base check, stored shapes,
+rebuild on load), PEFT export and import, the procedures, LoRA-RITE and FSDP all read adapted layers as linear
+ones, and each would need it handled or refused.
 """
 
 from __future__ import annotations
