@@ -75,3 +75,15 @@ def write_instruction_data(path: Path, count: int = 24) -> Path:
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def build_architecture_dir(path: Path, arch: str, *, tokenizer=None, seed: int = 0) -> Path:
+    """A model directory of one of tests/architectures.py's tiny models, with `build_tokenizer`'s tokenizer."""
+    from architectures import ARCHITECTURES
+
+    tokenizer = tokenizer or build_tokenizer()
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    ARCHITECTURES[arch](vocab_size=len(tokenizer), seed=seed, **ids).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -14,6 +14,7 @@ from torch import nn
 from .adapted import BASE_ROW_NAMES, AdaptedLayer
 from .config import AdapterConfig
 from .errors import ConfigError
+from .expert_parameters import refuse_expert_targets, warn_frozen_experts
 from .layer import AdapterLayer, SharedParameters, is_supported_layer, linear_shape
 from .methods import METHODS
 from .routing import install_routing, remove_routing
@@ -122,6 +123,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             names = [n for n in names if is_supported_layer(modules[n])]
         else:
             missing = [t for t in config.targets if not any(_matches(n, [t]) for n in names)]
+            refuse_expert_targets(model, config.targets, linear_names, _examples(linear_names))
             if missing:
                 raise ConfigError(
                     f"targets {missing} match no module; some linear modules are: {_examples(linear_names)}"
@@ -181,6 +183,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, name: str | None = None, i
     """
     name = new_adapter_name(model, name)
     layers = build_layers(model, config, initialize=initialize, name=name)
+    warn_frozen_experts(model, config.targets, stacklevel=2)
     _warn_useless_rank(config, layers)
     install(model, layers, name=name)
     return model

@@ -167,7 +167,12 @@ def _refuse_unsupported(peft_config: dict, where) -> None:
             isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in pattern.values()
         ):
             raise AdapterFileError(f"{where}: {key} must map module patterns to positive numbers; re-save it with PEFT")
-    for key in ("layer_replication", "target_parameters", "megatron_config", "loftq_config"):
+    if peft_config.get("target_parameters"):
+        raise AdapterFileError(
+            f"{where}: target_parameters {peft_config['target_parameters']} (LoRA on 3-D parameters such as "
+            "mixture-of-experts weights) cannot be imported; lorakit adapts linear layers only, so load it in PEFT"
+        )
+    for key in ("layer_replication", "megatron_config", "loftq_config"):
         if peft_config.get(key):
             raise AdapterFileError(f"{where}: {key} is not supported by lorakit")
 

@@ -86,6 +86,10 @@ def build_files(root: Path) -> dict[str, str]:
     config = json.loads((files["mismatched"] / "config.json").read_text())
     config["intermediate_size"] += 16
     (files["mismatched"] / "config.json").write_text(json.dumps(config))
+    # a tiny Mixtral: its experts are 3-D parameters (transformers 5), not linear layers
+    from tiny_assets import build_architecture_dir
+
+    files["moe"] = build_architecture_dir(root / "moe", "mixtral")
     del torch
     return {k: str(v) for k, v in files.items()}
 

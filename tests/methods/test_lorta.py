@@ -468,3 +468,46 @@ def test_without_gqa_k_and_v_read_c_h():
         t.C_h[1].mul_(2)
     after = deltas(model)
     assert all(not torch.equal(after[name], before[name]) for name in before)
+
+
+# ----------------------------------------------------------------------------------------------- fused qkv (Phi-3)
+
+
+def test_fused_qkv_gets_the_stacked_q_k_v_updates_of_separate_projections(inputs):
+    """Phi-3's qkv_proj outputs [q | k | v]: its ΔW is the q_proj, k_proj and v_proj updates of a Llama with the same
+    shapes and the same shared factors, stacked; o_proj's is o_proj's. The whole model then trains and exports."""
+    from architectures import llama, phi3
+
+    fused = lorta(phi3(), targets=["qkv_proj", "o_proj"])
+    separate = lorta(llama(), targets=QKVO)
+    assert factor_shapes(fused) == factor_shapes(separate)  # one C_m row each for q, k, v, o; C_kv for GQA
+    perturb_adapters(fused)
+    perturb_adapters(separate)
+    ref = deltas(separate)
+    for name, delta in deltas(fused).items():
+        prefix, matrix = name.rsplit(".", 1)
+        if matrix == "qkv_proj":
+            stacked = torch.cat([ref[f"{prefix}.{m}"] for m in ("q_proj", "k_proj", "v_proj")])
+            torch.testing.assert_close(delta, stacked, atol=0, rtol=0)
+            assert torch.linalg.matrix_rank(delta) <= 3
+        else:
+            torch.testing.assert_close(delta, ref[name], atol=0, rtol=0)
+    model_output(fused, inputs).square().mean().backward()
+    assert all(p.grad.abs().sum() > 0 for p in trainable_parameters(fused))
+
+
+def test_fused_qkv_and_a_separate_projection_of_the_same_layer_are_refused():
+    from architectures import phi3
+
+    model = phi3()
+    attention = model.model.layers[0].self_attn
+    attention.q_proj = nn.Linear(D, H * D_H, bias=False)  # a model with both (none does): LoRTA cannot index both
+    with pytest.raises(lorakit.ConfigError, match="both layer 0 q_proj"):
+        lorta(model, targets=["qkv_proj", "q_proj", "o_proj"])
+
+
+def test_phi3_all_linear_hint_names_the_fused_targets():
+    from architectures import phi3
+
+    with pytest.raises(lorakit.ConfigError, match="gate_up_proj.*qkv_proj,o_proj where q, k and v are fused"):
+        lorta(phi3(), targets="all-linear")

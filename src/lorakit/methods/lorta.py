@@ -36,8 +36,13 @@ output is unchanged at init; the C factors Kaiming-uniform with a = √5 · init
 U(±√(6 / ((1 + 5·init_scale²)·r))). Every script of the authors sets init_scale = 0, the default here (U(±√(6/r))).
 Draws come from generators seeded by (seed, "lorakit_shared", "lorta:<factor>").
 
-Options: `init_scale` (0.0). Only q_proj, k_proj, v_proj, o_proj of Llama-family attention are adapted; anything
-else (MLP layers, GPT-2's fused c_attn, BERT) is refused before the model is touched.
+Options: `init_scale` (0.0). Only q_proj, k_proj, v_proj, o_proj of Llama-family attention are adapted, or
+Phi-3's fused qkv_proj, whose output [q | k | v] takes the q, k and v updates stacked over the one A' = Aᵀ:
+
+    qkv (out × in):  ΔW = [B'_q ; B'_k ; B'_v] · Aᵀ   (B'_m = [Bᵀ diag(c_0^m) ; …], rank ≤ r, as a q_proj, k_proj
+                                                       and v_proj of the same layer would give)
+
+Anything else (MLP layers, GPT-2's fused c_attn, BERT) is refused before the model is touched.
 
 Learning rate: the authors used 3e-4 to 4e-4 (their LoRA baseline: 3e-4) for instruction tuning with alpha 16 and
 r ≈ 235, and 1e-2 to 5e-2 on GLUE and GSM8K where the scale alpha/r was small; start at LoRA's rate with the same
@@ -62,17 +67,22 @@ from . import register_method
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")  # the order of C_m's rows (adapted ones only)
 KV_MATRICES = ("k_proj", "v_proj")
-TARGETS_HINT = "pass targets q_proj,k_proj,v_proj,o_proj (CLI: --targets q_proj k_proj v_proj o_proj)"
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # Phi-3: one projection, outputs [q | k | v]
+TARGETS_HINT = (
+    "pass targets q_proj,k_proj,v_proj,o_proj (CLI: --targets q_proj,k_proj,v_proj,o_proj), or qkv_proj,o_proj "
+    "where q, k and v are fused as in Phi-3"
+)
 
 
 def parse_target(name: str) -> tuple[int, str]:
     """(layer index, matrix) of an attention projection such as `model.layers.3.self_attn.q_proj`."""
     matrix = name.rsplit(".", 1)[-1]
     layers = re.findall(r"(?:^|\.)(\d+)(?=\.)", name)
-    if matrix not in MATRICES:
+    if matrix not in MATRICES and matrix not in FUSED:
         raise ConfigError(
-            f"lorta cannot adapt {name}: LoRTA needs separate q_proj, k_proj, v_proj, o_proj attention projections "
-            f"(MLP layers and fused qkv layers such as GPT-2's c_attn are not supported); {TARGETS_HINT}"
+            f"lorta cannot adapt {name}: LoRTA needs separate q_proj, k_proj, v_proj, o_proj attention projections, "
+            f"or Phi-3's fused qkv_proj and o_proj (MLP layers and other fused layers such as GPT-2's c_attn are not "
+            f"supported); {TARGETS_HINT}"
         )
     if not layers:
         raise ConfigError(f"lorta cannot adapt {name}: its name has no layer index (like model.layers.3...)")
@@ -167,18 +177,21 @@ class LortaLayer(AdapterLayer):
         d, d_h, heads, kv_heads = dims["d"], dims["d_h"], dims["H"], dims["H_kv"]
         expected = {"q_proj": (d, heads * d_h), "k_proj": (d, kv_heads * d_h), "v_proj": (d, kv_heads * d_h)}
         expected["o_proj"] = (heads * d_h, d)
+        expected["qkv_proj"] = (d, (heads + 2 * kv_heads) * d_h)
         seen = {}
         for name in names:
-            layer, matrix = parse_target(name)
+            layer, target = parse_target(name)
             if layer >= dims["L"]:
                 raise ConfigError(f"lorta: {name} has layer index {layer} but the model has {dims['L']} layers")
-            if (layer, matrix) in seen:
-                raise ConfigError(
-                    f"lorta: {seen[layer, matrix]} and {name} are both layer {layer} {matrix}; LoRTA indexes one "
-                    "attention per layer: narrow targets to one of them"
-                )
-            seen[layer, matrix] = name
+            for matrix in FUSED.get(target, (target,)):
+                if (layer, matrix) in seen:
+                    raise ConfigError(
+                        f"lorta: {seen[layer, matrix]} and {name} are both layer {layer} {matrix}; LoRTA indexes one "
+                        "attention per layer: narrow targets to one of them"
+                    )
+                seen[layer, matrix] = name
             shape = linear_shape(model.get_submodule(name))
+            matrix = target
             if shape != expected[matrix]:
                 raise ConfigError(
                     f"lorta cannot adapt {name}: it maps {shape[0]} -> {shape[1]}, but the model config "
@@ -204,25 +217,28 @@ class LortaLayer(AdapterLayer):
     def build(self) -> None:
         self.layer_index, self.matrix = parse_target(self.name)
         self.layer_row = self.shared.layer_rows[self.layer_index]
-        self.matrix_row = self.shared.matrix_rows[self.matrix]
-        self.head_factor = "C_kv" if self.shared.kv_factor and self.matrix in KV_MATRICES else "C_h"
+        self.parts = FUSED.get(self.matrix, (self.matrix,))  # the matrices whose rows this layer's output stacks
 
     def initialize(self) -> None:
         """Nothing per layer: the shared tensor is drawn once, in `build_shared`."""
 
-    def head_coefficients(self) -> torch.Tensor:
-        """c_h = C_h[h] ⊙ C_l[l] ⊙ C_m[m] for every head h of this projection: (heads × r)."""
-        t = self.shared
-        return getattr(t, self.head_factor) * (t.C_l[self.layer_row] * t.C_m[self.matrix_row])
+    def head_coefficients(self, matrix: str | None = None) -> torch.Tensor:
+        """c_h = C_h[h] ⊙ C_l[l] ⊙ C_m[m] for every head h of matrix m (default: this projection's): (heads × r)."""
+        t, matrix = self.shared, matrix or self.matrix
+        head_factor = "C_kv" if t.kv_factor and matrix in KV_MATRICES else "C_h"
+        return getattr(t, head_factor) * (t.C_l[self.layer_row] * t.C_m[t.matrix_rows[matrix]])
 
     def factors(self):
-        t, coeff = self.shared, self.head_coefficients()
+        t = self.shared
         if self.matrix == "o_proj":  # heads along the input: A' = [diag(c_0) B, …] (r × H·d_h), B' = A
+            coeff = self.head_coefficients()
             return (coeff.T[:, :, None] * t.B[:, None, :]).reshape(self.r, -1), t.A
-        # heads along the output: B' = [Bᵀ diag(c_0) ; …] (H·d_h × r), A' = Aᵀ. A' is made contiguous (r × d, like
-        # LoRA's A; 4.6k numbers for SmolLM2 at r = 8): the gradient of a transposed view is a (d × r) GEMM over a
-        # transposed input, which CPU BLAS copies first (~8% of a q/k/v/o forward+backward at T = 1024)
-        return t.A.T.contiguous(), (coeff[:, None, :] * t.B.T[None, :, :]).reshape(-1, self.r)
+        # heads along the output: B' = [Bᵀ diag(c_0) ; …] (H·d_h × r), A' = Aᵀ; a fused qkv_proj stacks the B' of
+        # q, k and v (its output is [q | k | v]) over the same A'. A' is made contiguous (r × d, like LoRA's A; 4.6k
+        # numbers for SmolLM2 at r = 8): the gradient of a transposed view is a (d × r) GEMM over a transposed input,
+        # which CPU BLAS copies first (~8% of a q/k/v/o forward+backward at T = 1024)
+        blocks = [self.head_coefficients(m)[:, None, :] * t.B.T[None, :, :] for m in self.parts]
+        return t.A.T.contiguous(), torch.cat([b.reshape(-1, self.r) for b in blocks])
 
     def export_factors(self):
         # copies: o_proj's B' IS the shared A, and safetensors refuses tensors that share memory

@@ -1,0 +1,65 @@
+"""`lorakit train --model DIR` on every causal architecture of tests/architectures.py, written to disk first.
+
+The CLI's `main` runs in this process (a subprocess per architecture would spend most of its time importing
+torch); the global state it sets (warning format and filters, transformers' verbosity) is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import transformers
+from architectures import ARCHITECTURES
+from tiny_assets import build_architecture_dir, build_tokenizer
+
+from lorakit import cli
+
+# the CLI trains causal LMs: BERT would load as BertLMHeadModel (its encoder sees every token, so next-token training
+# means nothing) and ModernBERT has no causal head (refused, below)
+CAUSAL = [name for name in ARCHITECTURES if name not in ("bert", "modernbert")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def isolated_cli(monkeypatch):
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    verbosity = transformers.logging.get_verbosity()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread beats contended ones several times over
+    with warnings.catch_warnings():
+        yield
+    transformers.logging.set_verbosity(verbosity)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_train_on_a_model_directory(arch, tokenizer, instruction_file, tmp_path, isolated_cli, capsys):
+    build_architecture_dir(tmp_path / "model", arch, tokenizer=tokenizer)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tmp_path / "model"), "--data", str(instruction_file), "--rank", "4", "--steps",
+            "3", "--batch-size", "2", "--max-length", "48", "--lr", "1e-2", "--eval-limit", "4", "--quiet",
+            "--out", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["trainable_parameters"] > 0
+    assert (out / "adapter" / "adapter.safetensors").is_file()
+    adapter = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert adapter["base_model"]["class"] == type(ARCHITECTURES[arch]()).__name__ and adapter["modules"]
+
+
+@pytest.mark.parametrize("arch", ["modernbert"])
+def test_an_encoder_without_a_causal_head_is_refused_in_one_line(arch, tokenizer, instruction_file, tmp_path,
+                                                                  isolated_cli, capsys):
+    build_architecture_dir(tmp_path / "model", arch, tokenizer=tokenizer)
+    argv = ["train", "--model", str(tmp_path / "model"), "--data", str(instruction_file), "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lorakit: error: model '{tmp_path / 'model'}': it could not be loaded: ")
+    assert "AutoModelForCausalLM" in err[-1] and not (tmp_path / "o").exists()
