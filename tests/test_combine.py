@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import make_config, perturb_adapters, tiny_llama
 
 import lorakit
-from conftest import make_config, perturb_adapters, tiny_llama
 
 WEIGHTS = [0.7, -1.3]
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import UNSUPPORTED, VARIANTS, make_config, perturb_adapters, tiny_llama
 
 import lorakit
-from conftest import UNSUPPORTED, VARIANTS, make_config, perturb_adapters, tiny_llama
 
 LLAMA_VARIANTS = [v for v in VARIANTS if (v, "llama") not in UNSUPPORTED]
 IDS = torch.randint(0, 64, (5, 7), generator=torch.Generator().manual_seed(3))

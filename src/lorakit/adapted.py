@@ -39,6 +39,17 @@ class AdaptedLayer(nn.Module):
         self.weight_noise = None  # Flat-LoRA's ε during a training step: has .perturbed(W) -> W + ε
         self.routing = None  # a mixed batch's `lorakit.routing.Routing`, set for one forward of the model
 
+    def __getattr__(self, name: str):
+        """With a single adapter, its attributes read through the host (`q_proj.A`, `q_proj.merge()`), as on the
+        one-adapter layers of lorakit 0.1; with several, name one: `q_proj.adapters["b"].A`."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            adapters = self.__dict__["_modules"].get("adapters")
+            if adapters is not None and len(adapters) == 1 and not name.startswith("_"):
+                return getattr(next(iter(adapters.values())), name)
+            raise
+
     def add(self, name: str, layer: AdapterLayer) -> None:
         object.__setattr__(layer, "host", self)
         layer.adapter_name = name
