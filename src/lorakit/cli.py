@@ -176,10 +176,22 @@ def build_parser() -> Parser:
         "--exact-match", type=int, default=16, help="generate for the first N instruction examples (0: skip)"
     )
 
-    p = command("generate", "generate a greedy completion for a prompt")
+    p = command("generate", "generate greedy completions: one prompt, or a file of prompts with an adapter each")
     _add_model(p, adapter=True)
-    p.add_argument("--adapter", default=None, help="adapter directory")
-    p.add_argument("--prompt", required=True, help="the user prompt")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        metavar="[NAME=]DIR",
+        help="adapter directory; repeat as NAME=DIR to serve several adapters on one base (a mixed batch)",
+    )
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="the user prompt")
+    prompts.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help='JSONL, one {"adapter": NAME, "prompt": TEXT} per line ("base": no adapter); all in one batch',
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
 
     p = command("merge", "fold an adapter into the base weights and save a full transformers model")

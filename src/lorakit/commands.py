@@ -37,16 +37,21 @@ def _positive(name: str, value: int, allow_zero: bool = False) -> None:
 
 
 def _load_adapted(args):
-    """(model, tokenizer) with the adapter from args.adapter applied, if any."""
+    """(model, tokenizer) with the adapter from args.adapter applied, if any: one directory, or (generate) several
+    NAME=DIR adapters on the one base."""
     from .models import load_model
     from .persist import load_adapter, read_adapter
 
-    scheme = None
-    if args.adapter:
-        metadata, _, _ = read_adapter(args.adapter)  # validate the adapter before the (slow) model load
-        scheme = adapter_quantization(metadata)
+    adapters = adapter_arguments(args.adapter)
+    schemes = {adapter_quantization(read_adapter(path)[0]) for path in adapters.values()}  # validated before the load
+    if len(schemes) > 1:
+        raise ConfigError(
+            f"the adapters were trained on bases quantized differently ({', '.join(map(str, sorted(schemes, key=str)))}); "
+            "serve together only adapters of one base"
+        )
+    scheme = next(iter(schemes), None)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    if args.adapter:
+    if adapters:
         if Path(args.model, MERGED_MARKER).is_file():
             raise ConfigError(f"model {args.model} is already merged with an adapter; use the original base model")
         if scheme is not None:  # rebuild the base the adapter was trained on (lorakit train --quantize)
@@ -55,12 +60,35 @@ def _load_adapted(args):
             quantize_model(model, scheme)
             print(f"lorakit: the adapter was trained on a {scheme} base; quantized {args.model} the same way",
                   file=sys.stderr)
-        model = load_adapter(model, args.adapter, strict=getattr(args, "strict", True))
+        for name, path in adapters.items():
+            model = load_adapter(model, path, name=name, strict=getattr(args, "strict", True))
     import torch
 
     if torch.cuda.is_available():  # eval / generate on the GPU when there is one
         model = model.to("cuda")
     return model, tokenizer
+
+
+def adapter_arguments(values) -> dict[str, str]:
+    """--adapter values: [DIR] -> {"default": DIR}; NAME=DIR ... -> {NAME: DIR} (names checked, each once)."""
+    if not values:
+        return {}
+    if isinstance(values, str):
+        values = [values]
+    if len(values) == 1 and "=" not in values[0]:
+        return {"default": values[0]}
+    adapters = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.isidentifier() or not path or name in ("base", "__base__"):
+            raise ConfigError(
+                f"--adapter {value!r} is not NAME=DIR; with several adapters name each, e.g. --adapter "
+                "sql=runs/sql/adapter (NAME a Python identifier other than 'base')"
+            )
+        if name in adapters:
+            raise ConfigError(f"--adapter names {name!r} twice; give each adapter its own name")
+        adapters[name] = path
+    return adapters
 
 
 def adapter_quantization(metadata: dict) -> str | None:
@@ -99,12 +127,55 @@ def run_eval(args) -> int:
 
 
 def run_generate(args) -> int:
-    from .training.evaluate import generate
+    from .training.evaluate import generate, generate_batch
 
     _positive("--max-new-tokens", args.max_new_tokens)
+    adapters = adapter_arguments(args.adapter)
+    if args.prompts is None:
+        if len(adapters) > 1:
+            raise ConfigError("several --adapter with --prompt: name one per prompt with --prompts FILE instead")
+        model, tokenizer = _load_adapted(args)
+        print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
+        return 0
+    requests = read_prompts(args.prompts, adapters)
     model, tokenizer = _load_adapted(args)
-    print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
+    names = [request["adapter"] for request in requests]
+    completions = generate_batch(
+        model, tokenizer, [request["prompt"] for request in requests], names, max_new_tokens=args.max_new_tokens
+    )
+    for request, completion in zip(requests, completions):
+        print(json.dumps({**request, "completion": completion}, ensure_ascii=False))
     return 0
+
+
+def read_prompts(path, adapters: dict) -> list[dict]:
+    """--prompts FILE: JSONL lines {"adapter": NAME, "prompt": TEXT}; "adapter" may be left out with one adapter."""
+    where = f"--prompts {path}"
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file; give a JSONL file of prompts") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot be read ({exc}); give a UTF-8 JSONL file") from None
+    requests = []
+    default = next(iter(adapters)) if len(adapters) == 1 else None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ConfigError(f'{where}: line {number} needs a "prompt" string, e.g. {{"adapter": "a", "prompt": "..."}}')
+        name = record.get("adapter", default)
+        if name not in (*adapters, "base", "__base__"):
+            known = ", ".join([*adapters, "base"])
+            raise ConfigError(f"{where}: line {number} names adapter {name!r}; use one of: {known}")
+        requests.append({"adapter": name, "prompt": record["prompt"]})
+    if not requests:
+        raise ConfigError(f"{where} holds no prompts; write one JSON object per line")
+    return requests
 
 
 def _check_new_output(out: Path) -> None:

@@ -44,17 +44,19 @@ def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 64)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy completion of a user prompt (through the chat template when the tokenizer has one)."""
+def _prompt_text(tokenizer, prompt: str) -> str:
     if tokenizer.chat_template:
         from ..data.formats import apply_chat_template
 
-        text = apply_chat_template(
+        return apply_chat_template(
             tokenizer, [{"role": "user", "content": prompt}], "--prompt", add_generation_prompt=True
         )
-    else:
-        text = f"### Instruction:\n{prompt}\n\n### Response:\n"
-    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return f"### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+    """Greedy completion of a user prompt (through the chat template when the tokenizer has one)."""
+    encoded = tokenizer(_prompt_text(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
     device = next(model.parameters()).device
     output = model.generate(
         **{k: v.to(device) for k, v in encoded.items()},
@@ -63,3 +65,29 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
         pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def generate_batch(model, tokenizer, prompts: list[str], adapter_names: list[str], max_new_tokens: int = 64):
+    """Greedy completions of many prompts in one batch, row i with adapter `adapter_names[i]` ("base": none):
+    left-padded, one `generate` call (a mixed batch, `lorakit.routing`)."""
+    texts = [_prompt_text(tokenizer, prompt) for prompt in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        encoded = tokenizer(texts, return_tensors="pt", add_special_tokens=False, padding=True)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    model.eval()
+    from ..inject import is_adapted
+
+    kwargs = {"adapter_names": adapter_names} if is_adapted(model) else {}
+    output = model.generate(
+        **{k: v.to(device) for k, v in encoded.items()},
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+    start = encoded["input_ids"].shape[1]
+    return [tokenizer.decode(row[start:], skip_special_tokens=True) for row in output]
