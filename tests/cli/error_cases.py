@@ -45,6 +45,8 @@ def build_files(root: Path) -> dict[str, str]:
     for name, content in texts.items():
         files[name] = root / f"{name}.jsonl"
         files[name].write_text(content)
+    files["prompts"] = root / "prompts.jsonl"  # a mixed-batch prompt naming an adapter that is not served
+    files["prompts"].write_text('{"adapter": "nope", "prompt": "hi"}\n')
     files["outfile"] = root / "outfile"
     files["outfile"].write_text("an existing file\n")
     model = lorakit.adapt(AutoModelForCausalLM.from_pretrained(files["model"]), lorakit.AdapterConfig(r=4))
