@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import saved_modules, token_rows
 from .config import AdapterConfig
 from .errors import ConfigError
 from .layer import AdapterLayer, SharedParameters, is_supported_layer, linear_shape
@@ -17,6 +18,7 @@ from .methods import METHODS
 
 SHARED = "lorakit_shared"  # the attribute of the model that owns a method's shared tensors (LoRTA)
 SHARED_ROW = "(shared by all layers)"  # the summary row of those tensors
+EXTRAS = (saved_modules, token_rows)  # modules trained beside the adapters: each has the same few functions
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -73,6 +75,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             )
     if config.exclude is not None:
         names = [n for n in names if not _matches(n, config.exclude)]
+    names = saved_modules.check_targets(names, saved_modules.find_saved(model, config), config.targets != "all-linear")
     if not names:
         raise ConfigError(
             f"targets={config.targets!r} match no linear module; some available names: {_examples(linear_names)}"
@@ -98,8 +101,12 @@ def adapt(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -
     Every check runs before the model is touched, so a ConfigError leaves the model as it was.
     """
     layers = build_layers(model, config, initialize=initialize)
+    saved = saved_modules.build(model, saved_modules.find_saved(model, config))
+    rows = token_rows.build(model, config, list(layers), list(saved))
     _warn_useless_rank(config, layers)
     install(model, layers)
+    saved_modules.install(model, saved)
+    token_rows.install(model, rows)
     return model
 
 
@@ -169,7 +176,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     shared = shared_parameters(model)
     if shared is not None:
         params += list(shared.trainable_parameters().values())
-    return params
+    return params + [p for extra in EXTRAS for p in extra.trainable_parameters(model)]
 
 
 def install(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
@@ -198,7 +205,9 @@ def _remove_shared(model: nn.Module) -> None:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold s·ΔW into every base weight; refused if already merged. Inference then costs nothing extra."""
+    """Fold s·ΔW into every base weight; refused if already merged. Inference then costs nothing extra.
+
+    Modules trained in full (`modules_to_save`) stay as they are: their trained copies are already dense."""
     layers = _require_adapted(model)
     if any(layer.merged for _, layer in layers):
         raise ConfigError("the model is already merged; call lorakit.unmerge(model) before merging again")
@@ -234,9 +243,12 @@ def disabled(model: nn.Module):
         layer.unmerge()
     for layer in layers:
         layer.disabled = True
+    previous_extras = [extra.set_disabled(model, True) for extra in EXTRAS]
     try:
         yield model
     finally:
+        for extra, was in zip(EXTRAS, previous_extras):
+            extra.restore_disabled(model, was)
         for layer, was in zip(layers, previous):
             layer.disabled = was
         for layer in remerge:
@@ -248,6 +260,8 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in _require_adapted(model):
         _set_module(model, name, layer.restore_base())
     _remove_shared(model)
+    for extra in EXTRAS:
+        extra.unload(model)
     return model
 
 
@@ -266,6 +280,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in layers:
         _set_module(model, name, dense.get(name, layer.base_layer))
     _remove_shared(model)
+    for extra in EXTRAS:  # the trained copies, the embedding with its trained rows written in
+        extra.unload(model, keep_trained=True)
     return model
 
 

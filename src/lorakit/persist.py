@@ -13,6 +13,11 @@ Per-module ranks (format version 3): the top-level config holds the most common 
 or alpha differs carries its own "r" and "alpha" (XGBLoRA's and IncreLoRA's adapters: every module its own rank,
 no padding). Methods with tensors shared by all layers (LoRTA) have one rank.
 
+Modules trained in full (format version 4, `lorakit.saved_modules`): the "modules_to_save" section lists each
+module's tensors and fingerprints of its original; the tensors are "modules_to_save.<module>.<tensor>".
+Trainable token rows (`lorakit.token_rows`): the "trainable_tokens" section holds the ids, whether the head is tied,
+and a fingerprint of the rows that do not train; the k x d rows are "trainable_tokens.<module>.rows".
+
 A save replaces both files as one: adapter.json is the commit point.
 
     1. the new tensors go to `.adapter.pending.safetensors` (temporary file, fsync, rename)
@@ -61,6 +66,7 @@ from .fingerprint import (
     update_sketch,
 )
 from .inject import (
+    EXTRAS,
     SHARED,
     _require_adapted,
     adapter_layers,
@@ -73,7 +79,10 @@ from .layer import is_supported_layer, linear_shape
 from .methods import METHODS
 
 FORMAT = "lorakit-adapter"
-FORMAT_VERSION = 3  # 3: per-module "r" / "alpha"; 2: base fingerprints with dtype, norm and samples; 1: a digest
+# 4: modules_to_save and trainable_tokens (written only by a file that has them: others stay readable by earlier lorakits as version 3);
+# 3: per-module "r" / "alpha"; 2: base fingerprints with dtype, norm and samples; 1: a digest
+FORMAT_VERSION = 4
+PLAIN_FORMAT_VERSION = 3
 TENSORS_FILE = "adapter.safetensors"
 PENDING_TENSORS_FILE = ".adapter.pending.safetensors"
 CONFIG_FILE = "adapter.json"
@@ -122,10 +131,15 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
         stored = {key: value.detach().to("cpu").contiguous() for key, value in shared.stored_tensors().items()}
         tensors.update({f"{SHARED}.{key}": value for key, value in stored.items()})
         shared_info = {"tensors": {key: list(value.shape) for key, value in stored.items()}}
+    extras = {}  # modules_to_save, trainable_tokens: their sections of adapter.json
+    for extra in EXTRAS if own else ():
+        extra_tensors, extras[extra.FILE_KEY] = extra.to_file(model)
+        tensors.update(extra_tensors)
+    extras = {key: info for key, info in extras.items() if info}
     blob = save_safetensors(tensors, metadata={"format": FORMAT})
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if extras else PLAIN_FORMAT_VERSION,
         "lorakit_version": __version__,
         "method": config.method,
         "config": config.to_dict(),
@@ -137,6 +151,7 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
     }
     if shared_info is not None:
         metadata["shared"] = shared_info
+    metadata.update(extras)
     out = prepare_directory(directory)
     _finish_interrupted_save(out)
     write_bytes(out / PENDING_TENSORS_FILE, blob)
@@ -282,6 +297,8 @@ def validate_metadata(metadata, where) -> AdapterConfig:
                 fail(f"shared tensor {key!r} has an invalid shape")
         if any("r" in info or "alpha" in info for info in modules.values()):
             fail("per-module ranks are not possible with shared tensors")
+    for extra in EXTRAS:
+        extra.validate(metadata.get(extra.FILE_KEY), fail)
     return config
 
 
@@ -322,6 +339,8 @@ def _check_tensor_shapes(metadata: dict, tensors: dict[str, torch.Tensor], where
     }
     for key, shape in (metadata.get("shared") or {}).get("tensors", {}).items():
         expected[f"{SHARED}.{key}"] = tuple(shape)
+    for extra in EXTRAS:
+        expected.update(extra.file_shapes(metadata.get(extra.FILE_KEY)))
     if set(expected) != set(tensors):
         missing = sorted(set(expected) - set(tensors))[:3]
         extra = sorted(set(tensors) - set(expected))[:3]
@@ -519,6 +538,7 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
             raise AdapterFileError(f"{directory}: module {name} has invalid 'fields' ({exc}); save it again") from None
         layer.load_tensors({key: tensors[f"{name}.{key}"] for key in metadata["modules"][name]["tensors"]})
     recomputed = check_recomputed(layers, metadata, strict=strict)  # before the model is touched
+    extras = [extra.from_file(model, metadata.get(extra.FILE_KEY), tensors, strict=strict) for extra in EXTRAS]
     if other_dtype:
         message = _dtype_message(*other_dtype)
         if recomputed is not None:
@@ -535,4 +555,6 @@ def load_adapter(model: nn.Module, directory, *, strict: bool = True) -> nn.Modu
             )
         warnings.warn(message, stacklevel=2)
     install(model, layers)
+    for extra, modules in zip(EXTRAS, extras):
+        extra.install(model, modules)
     return model

@@ -54,7 +54,7 @@ def build_files(root: Path) -> dict[str, str]:
     tensors = files["corrupt"] / "adapter.safetensors"
     tensors.write_bytes(bytes(b ^ 0xFF for b in tensors.read_bytes()))
     os.truncate(files["truncated"] / "adapter.safetensors", 1000)
-    for name, edit in (("nofields", lambda d: d.pop("modules")), ("newer", lambda d: d.update(format_version=4))):
+    for name, edit in (("nofields", lambda d: d.pop("modules")), ("newer", lambda d: d.update(format_version=5))):
         meta = json.loads((files[name] / "adapter.json").read_text())
         edit(meta)
         (files[name] / "adapter.json").write_text(json.dumps(meta))
