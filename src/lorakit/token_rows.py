@@ -258,7 +258,7 @@ def from_file(model: nn.Module, info: dict | None, tensors: dict, *, strict: boo
         if not isinstance(module, kind) or list(module.weight.shape) != entry["rows"]:
             now = "none" if module is None or not hasattr(module, "weight") else f"{tuple(module.weight.shape)}"
             raise BaseModelMismatchError(
-                f"base module {name} is {now} but the adapter's trainable tokens need a {entry['kind']} of "
+                f"base module {name} is {now} but the adapter's trainable tokens need it to be "
                 f"{tuple(entry['rows'])}; load it onto the base model it was trained on (with added tokens: the "
                 "tokenizer saved beside the adapter, and model.resize_token_embeddings(len(tokenizer)))"
             )
