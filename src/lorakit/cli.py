@@ -69,6 +69,19 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
         "--alpha", type=float, default=None, help="scale numerator; scale = alpha/rank (default alpha = rank)"
     )
     p.add_argument("--targets", default=d.targets, help="'all-linear', comma-separated module suffixes, or re:<regex>")
+    p.add_argument(
+        "--modules-to-save",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="module-name suffixes trained in full beside the adapters (e.g. lm_head, score); saved in the adapter",
+    )
+    p.add_argument(
+        "--add-tokens",
+        default=None,
+        metavar="TOK[,TOK]",
+        help="add these tokens to the tokenizer, resize the embeddings and train only their rows; the tokenizer is "
+        "saved in DIR/adapter/tokenizer",
+    )
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     p.add_argument("--init", default=d.init, help="kaiming or gaussian init of the random trained factor")

@@ -47,6 +47,7 @@ def _load_adapted(args):
         scheme = adapter_quantization(metadata)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     if args.adapter:
+        tokenizer = _adapter_tokenizer(args.adapter, model, metadata) or tokenizer
         if Path(args.model, MERGED_MARKER).is_file():
             raise ConfigError(f"model {args.model} is already merged with an adapter; use the original base model")
         if scheme is not None:  # rebuild the base the adapter was trained on (lorakit train --quantize)
@@ -61,6 +62,21 @@ def _load_adapted(args):
     if torch.cuda.is_available():  # eval / generate on the GPU when there is one
         model = model.to("cuda")
     return model, tokenizer
+
+
+def _adapter_tokenizer(adapter, model, metadata):
+    """The tokenizer saved beside an adapter trained with --add-tokens (or None), the model resized to its tokens."""
+    from .models import _prepare_tokenizer
+    from .token_rows import TOKENIZER_DIR, resize_for_adapter
+
+    resize_for_adapter(model, metadata)
+    if not Path(adapter, TOKENIZER_DIR).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(adapter, TOKENIZER_DIR)))
+    _prepare_tokenizer(tokenizer)
+    return tokenizer
 
 
 def adapter_quantization(metadata: dict) -> str | None:

@@ -82,7 +82,7 @@ def find_saved(model: nn.Module, config: AdapterConfig) -> list[str]:
     for suffix in config.modules_to_save:
         matched = [n for n in names if n == suffix or n.endswith("." + suffix)]
         if not matched:
-            examples = ", ".join(list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))[:8])
+            examples = ", ".join(list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names if not n[-1].isdigit()))[:8])
             raise ConfigError(f"modules_to_save {suffix!r} matches no module; some module names are: {examples}, ...")
         found += matched
     found = sorted(set(found), key=names.index)

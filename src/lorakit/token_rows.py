@@ -306,3 +306,27 @@ def load_into(model: nn.Module, tensors: dict) -> None:
         for name, module in token_rows(model):
             if "rows" in module._parameters:
                 module.rows.copy_(tensors[f"{FILE_KEY}.{name}.rows"])
+
+
+# ----------------------------------------------------------------- new tokens (lorakit train --add-tokens)
+TOKENIZER_DIR = "tokenizer"  # where `lorakit train --add-tokens` saves the tokenizer, inside the adapter directory
+
+
+def add_tokens(model: nn.Module, tokenizer, tokens: list[str]) -> list[int]:
+    """Add `tokens` to the tokenizer (as special tokens: never split) and resize the model's embeddings to hold them
+    (transformers' mean-and-covariance init of the new rows); returns their ids, those already known included."""
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if max(ids) >= model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return ids
+
+
+def resize_for_adapter(model: nn.Module, metadata: dict) -> None:
+    """Give the model the embedding rows an adapter with added tokens was trained with (their values do not matter:
+    the adapter's rows replace them)."""
+    info = metadata.get(FILE_KEY) or {}
+    rows = [entry["rows"][0] for entry in info.get("modules", {}).values() if entry["kind"] == "embedding"]
+    embedding = model.get_input_embeddings()
+    if rows and embedding is not None and rows[0] > embedding.num_embeddings:
+        model.resize_token_embeddings(rows[0], mean_resizing=False)

@@ -27,6 +27,7 @@ from ..models import load_model
 from ..persist import load_adapter, save_adapter
 from ..procedures.base import TrainingState
 from ..quantize import model_quantization, quantize_model
+from ..token_rows import TOKENIZER_DIR, add_tokens
 from . import rng as train_rng
 from .batches import collate, global_batch, micro_batch, trained_tokens
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -34,7 +35,7 @@ from .distributed import local_base_elements, make_runtime
 from .evaluate import evaluate_loss
 from .loss import token_loss_sum
 from .rng import seed_process
-from .run_config import TrainConfig, flags_in_message
+from .run_config import TrainConfig, flags_in_message, parse_names
 
 SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -142,6 +143,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     for source in filter(None, (cfg.data, cfg.eval_data)):
         read_records(source)  # fail fast on a missing or broken file, before the model loads
     base, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    new_token_ids = add_tokens(base, tokenizer, parse_names(cfg.add_tokens)) if cfg.add_tokens else None
     if cfg.quantize:
         quantize_model(base, cfg.quantize)  # before the adapters: they read the quantized weights
     examples, data_format = load_examples(cfg.data, tokenizer, cfg.max_length)
@@ -156,6 +158,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         # fingerprints (taken when the adapter layers are built) are those of full weights.
         procedure = _make_procedure(cfg)  # its options and the model it must train are checked before anything is written
         adapter_config = procedure.adapter_config(cfg.adapter_config()) if procedure else cfg.adapter_config()
+        if new_token_ids:  # --add-tokens: only their rows train
+            adapter_config = dataclasses.replace(adapter_config, trainable_tokens=new_token_ids)
         model = load_adapter(base, resume_from) if resume_from else adapt(base, adapter_config)
     except ConfigError as exc:
         raise ConfigError(flags_in_message(str(exc))) from None
@@ -301,6 +305,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     with runtime.full_adapter(model) as full:  # a collective under FSDP: every process gathers, process 0 writes
         if main:  # a procedure may save other layers (Chain of LoRA: all links as one LoRA)
             adapter_dir = save_adapter(full, out / "adapter", layers=procedure and procedure.layers_to_save(full))
+            if cfg.add_tokens:  # eval / generate read the adapter with the tokenizer that knows its tokens
+                tokenizer.save_pretrained(adapter_dir / TOKENIZER_DIR)
     if main:
         summary = {
             "method": cfg.method,

@@ -34,6 +34,8 @@ class TrainConfig:
     rank: int = 16
     alpha: float | None = None
     targets: str = "all-linear"
+    modules_to_save: str | None = None  # comma-separated module-name suffixes trained in full (lorakit.saved_modules)
+    add_tokens: str | None = None  # comma-separated tokens added to the tokenizer, their rows trained (token_rows)
     dropout: float = 0.0
     rslora: bool = False
     init: str = "kaiming"
@@ -112,6 +114,11 @@ class TrainConfig:
                     "--quantize is not supported with --fsdp; drop --fsdp (torchrun without it runs DDP, which "
                     "supports --quantize) or drop --quantize"
                 )
+        if self.add_tokens is not None and not parse_names(self.add_tokens):
+            raise ConfigError(
+                f"--add-tokens {self.add_tokens!r} is invalid; give the new tokens separated by commas, such as "
+                "'<tool>,</tool>'"
+            )
         if self.fsdp and self.precision == "fp16":
             raise ConfigError("--precision fp16 is not supported with --fsdp; use --precision bf16")
         self.adapter_config()
@@ -132,6 +139,7 @@ class TrainConfig:
                 mini_b=self.mini_b,
                 mini_outer=self.mini_outer,
                 extra=parse_option_strings(self.option),
+                modules_to_save=parse_names(self.modules_to_save) if self.modules_to_save is not None else None,
             )
         except ConfigError as exc:
             raise ConfigError(flags_in_message(str(exc))) from None
@@ -171,6 +179,11 @@ def parse_targets(value) -> str | list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def parse_names(value: str) -> list[str]:
+    """CLI form of a list: comma-separated, blanks dropped."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -185,6 +198,7 @@ FLAG_NAMES = {
     "init": "--init",
     "dropout": "--dropout",
     "targets": "--targets",
+    "modules_to_save": "--modules-to-save",
 }
 
 
