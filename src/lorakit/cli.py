@@ -15,7 +15,7 @@ from .errors import LorakitError
 from .methods import METHODS
 from .models import DEFAULT_MODEL
 from .procedures import PROCEDURES
-from .training.run_config import OPTIMIZERS, PRECISIONS, REPORTERS, SCHEDULES, TrainConfig
+from .training.run_config import OPTIMIZERS, PRECISIONS, REPORTERS, SCHEDULES, TASKS, TrainConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -61,6 +61,13 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
         "--eval-data",
         default=None,
         help="evaluation data (default: the eval split of stdlib-docstrings when training on it)",
+    )
+    p.add_argument(
+        "--task",
+        default=d.task,
+        choices=TASKS,
+        help="causal-lm, or classification: `text` / `label` records, a sequence classifier whose new head trains "
+        "in full; eval reports accuracy",
     )
     if not compare:
         p.add_argument("--method", default=d.method, help=f"one of: {', '.join(sorted(METHODS))}")

@@ -36,8 +36,8 @@ def _positive(name: str, value: int, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} {value} is invalid; use a {'non-negative' if allow_zero else 'positive'} integer")
 
 
-def _load_adapted(args):
-    """(model, tokenizer) with the adapter from args.adapter applied, if any."""
+def _load_adapted(args, labels=None):
+    """(model, tokenizer) with the adapter from args.adapter applied, if any (`labels`: a classifier's)."""
     from .models import load_model
     from .persist import load_adapter, read_adapter
 
@@ -45,7 +45,8 @@ def _load_adapted(args):
     if args.adapter:
         metadata, _, _ = read_adapter(args.adapter)  # validate the adapter before the (slow) model load
         scheme = adapter_quantization(metadata)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    num_labels = len(labels) if labels else None
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, num_labels=num_labels)
     if args.adapter:
         tokenizer = _adapter_tokenizer(args.adapter, model, metadata) or tokenizer
         if Path(args.model, MERGED_MARKER).is_file():
@@ -97,6 +98,9 @@ def run_eval(args) -> int:
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     _positive("--limit", args.limit, allow_zero=True)
     _positive("--exact-match", args.exact_match, allow_zero=True)
+    labels = _classifier_labels(args)
+    if labels:
+        return _eval_classifier(args, labels)
     model, tokenizer = _load_adapted(args)
     split = "eval" if built_in_name(args.data) else "train"  # a built-in dataset: its held-out split
     examples, fmt = load_examples(args.data, tokenizer, args.max_length, split=split)
@@ -114,10 +118,38 @@ def run_eval(args) -> int:
     return 0
 
 
+def _classifier_labels(args) -> list[str] | None:
+    from .training.classification import read_labels
+
+    return read_labels(args.adapter) if args.adapter else None
+
+
+def _eval_classifier(args, labels: list[str]) -> int:
+    """`lorakit eval` of a --task classification adapter: mean cross-entropy and accuracy on `text` / `label` data."""
+    from .data import read_records
+    from .training import classification
+
+    model, tokenizer = _load_adapted(args, labels)
+    examples = classification.tokenize(read_records(args.data), tokenizer, args.max_length, labels, args.data)
+    if args.limit:
+        examples = examples[: args.limit]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id or 0
+    result = classification.evaluate(model, examples, args.batch_size, pad_id, device)
+    result["examples"] = result.pop("eval_examples")
+    print(json.dumps(result))
+    return 0
+
+
 def run_generate(args) -> int:
     from .training.evaluate import generate
 
     _positive("--max-new-tokens", args.max_new_tokens)
+    if _classifier_labels(args):
+        raise ConfigError(
+            f"--adapter {args.adapter} is a classifier (trained with --task classification); it does not generate "
+            "text: use lorakit eval, which reports its accuracy"
+        )
     model, tokenizer = _load_adapted(args)
     print(generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
     return 0

@@ -20,6 +20,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 REPORTERS = ("none", "tensorboard")
 OPTIMIZERS = ("adamw", "rite")
+TASKS = ("causal-lm", "classification")  # classification: `text` / `label` records (training/classification.py)
 # Settings that may differ between a run and its --resume (everything else must match run.json).
 RESUME_MAY_DIFFER = ("resume", "quiet", "report_to", "out")
 
@@ -27,6 +28,7 @@ RESUME_MAY_DIFFER = ("resume", "quiet", "report_to", "out")
 @dataclass
 class TrainConfig:
     out: str = "runs/train"
+    task: str = "causal-lm"
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     eval_data: str | None = None
@@ -93,6 +95,10 @@ class TrainConfig:
                 raise ConfigError(
                     f"{_flag(field)} {getattr(self, field)!r} is unknown; use one of: {', '.join(choices)}"
                 )
+        if self.task not in TASKS:
+            raise ConfigError(f"--task {self.task!r} is unknown; use one of: {', '.join(TASKS)}")
+        if self.task == "classification" and self.add_tokens:
+            raise ConfigError("--add-tokens is for causal language models; drop it with --task classification")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer!r} is unknown; use one of: {', '.join(OPTIMIZERS)}")
         if self.procedure is not None:
