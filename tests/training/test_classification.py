@@ -136,3 +136,29 @@ def test_the_default_gguf_model_becomes_a_classifier_with_its_blocks_unchanged()
     blocks = causal.model.state_dict()
     assert all(torch.equal(value, blocks[key]) for key, value in classifier.model.state_dict().items())
     assert classifier.config.pad_token_id == tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("kind", ["classification", "add-tokens"])
+def test_resume_is_exact_with_saved_modules_and_token_rows(kind, tiny_model_dir, tmp_path):
+    """A run restarted from its step-3 checkpoint ends bit for bit where the uninterrupted run ended."""
+    import shutil
+
+    from test_train import adapter_tensors, config, max_diff
+
+    from lorakit.training import train
+
+    if kind == "classification":
+        data, settings = _write(tmp_path / "train.jsonl", 16, 3), dict(task="classification")
+    else:
+        data = tmp_path / "tools.jsonl"
+        data.write_text("".join(json.dumps({"text": f"<tool>add {i}</tool> done"}) + "\n" for i in range(16)))
+        settings = dict(add_tokens="<tool>,</tool>", modules_to_save="norm")
+    whole = tmp_path / "whole"
+    train(config(tiny_model_dir, data, whole, steps=6, save_every=3, dropout=0.1, **settings))
+    resumed = shutil.copytree(whole, tmp_path / "resumed")
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "summary.json").unlink()
+    train(config(tiny_model_dir, data, resumed, steps=6, save_every=3, dropout=0.1, resume=True, **settings))
+    tensors = adapter_tensors(whole)
+    assert any(key.startswith(("modules_to_save.", "trainable_tokens.")) for key in tensors)
+    assert max_diff(tensors, adapter_tensors(resumed)) == 0.0
