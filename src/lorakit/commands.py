@@ -258,6 +258,13 @@ def run_inspect(args) -> int:
     ]
     if len(modules) > len(shown):
         lines.append(f"  ... and {len(modules) - len(shown)} more")
+    for name, entry in (metadata.get("modules_to_save") or {}).items():
+        shapes = ", ".join(f"{key} {'x'.join(map(str, shape))}" for key, shape in entry["tensors"].items())
+        lines.append(f"trained in full: {name} ({entry['class']}: {shapes})")
+    tokens = metadata.get("trainable_tokens")
+    if tokens:
+        where = ", ".join(f"{name} ({entry['kind']})" for name, entry in tokens["modules"].items())
+        lines.append(f"token rows:  {len(tokens['ids'])} ids {tokens['ids'][:8]} in {where}; head tied: {tokens['tied']}")
     print("\n".join(lines))
     return 0
 

@@ -71,3 +71,11 @@ def test_an_adapter_with_added_tokens_refuses_a_model_without_them_in_python(tra
     shutil.rmtree(copy / "tokenizer")
     assert run("generate", "--model", tiny_model_dir, "--adapter", copy, "--prompt", "hi",
                "--max-new-tokens", "2").returncode == 0  # fmt: skip
+
+
+def test_inspect_lists_the_saved_modules_and_token_rows(trained):
+    out, _ = trained
+    lines = run("inspect", out / "adapter").stdout.splitlines()
+    assert "trained in full: model.norm (LlamaRMSNorm: weight 32)" in lines
+    tokens = next(line for line in lines if line.startswith("token rows:"))
+    assert "2 ids" in tokens and "model.embed_tokens (embedding), lm_head (head); head tied: False" in tokens
