@@ -37,16 +37,19 @@ def _positive(name: str, value: int, allow_zero: bool = False) -> None:
 
 
 def _load_adapted(args, labels=None):
-    """(model, tokenizer) with the adapter from args.adapter applied, if any (`labels`: a classifier's)."""
+    """(model, tokenizer) with the adapter from args.adapter applied, if any (a classifier's: as a classifier)."""
     from .models import load_model
     from .persist import load_adapter, read_adapter
 
+    labels = labels or _classifier_labels(args)
     scheme = None
     if args.adapter:
         metadata, _, _ = read_adapter(args.adapter)  # validate the adapter before the (slow) model load
         scheme = adapter_quantization(metadata)
     num_labels = len(labels) if labels else None
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, num_labels=num_labels)
+    if labels:  # a merged classifier names its classes
+        model.config.id2label, model.config.label2id = dict(enumerate(labels)), {v: i for i, v in enumerate(labels)}
     if args.adapter:
         tokenizer = _adapter_tokenizer(args.adapter, model, metadata) or tokenizer
         if Path(args.model, MERGED_MARKER).is_file():

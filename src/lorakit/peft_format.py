@@ -67,6 +67,8 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
     return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 

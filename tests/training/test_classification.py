@@ -162,3 +162,27 @@ def test_resume_is_exact_with_saved_modules_and_token_rows(kind, tiny_model_dir,
     tensors = adapter_tensors(whole)
     assert any(key.startswith(("modules_to_save.", "trainable_tokens.")) for key in tensors)
     assert max_diff(tensors, adapter_tensors(resumed)) == 0.0
+
+
+def test_merge_and_peft_export_of_a_classifier(trained, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import lorakit
+    from lorakit.models import load_model
+
+    out, held_out = trained
+    model, tokenizer = load_model(str(tiny_model_dir), num_labels=2)
+    model = lorakit.load_adapter(model, out / "adapter")
+    ids = tokenizer(["good good fox dog", "bad bad sum class"], return_tensors="pt", padding=True)
+    expected = model(**ids).logits
+    assert _run("merge", "--model", tiny_model_dir, "--adapter", out / "adapter", "--out", tmp_path / "m").returncode == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+    torch.testing.assert_close(merged(**ids).logits, expected, atol=1e-5, rtol=0)
+    exported = _run("export", "--model", tiny_model_dir, "--adapter", out / "adapter", "--format", "peft",
+                    "--out", tmp_path / "p")  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    theirs = PeftModel.from_pretrained(load_model(str(tiny_model_dir), num_labels=2)[0], tmp_path / "p").eval()
+    torch.testing.assert_close(theirs(**ids).logits, expected, atol=1e-5, rtol=0)

@@ -125,6 +125,13 @@ class TrainConfig:
                 f"--add-tokens {self.add_tokens!r} is invalid; give the new tokens separated by commas, such as "
                 "'<tool>,</tool>'"
             )
+        whole = [flag for flag, used in (("--modules-to-save", self.modules_to_save), ("--add-tokens", self.add_tokens),
+                                         ("--task classification", self.task == "classification")) if used]  # fmt: skip
+        if self.fsdp and whole:  # full_adapter gathers the adapter layers' shards only
+            raise ConfigError(
+                f"{whole[0]} does not support --fsdp yet: the modules it trains are not gathered for saving; train "
+                "without --fsdp (torchrun without it runs DDP)"
+            )
         if self.fsdp and self.precision == "fp16":
             raise ConfigError("--precision fp16 is not supported with --fsdp; use --precision bf16")
         self.adapter_config()
