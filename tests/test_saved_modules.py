@@ -165,3 +165,25 @@ def test_trainer_checkpoints_keep_the_trained_copies(tmp_path, inputs):
     resumed = _adapted(base)
     restore(resumed, header, tensors)
     assert torch.equal(resumed(inputs).logits, expected)
+
+
+@pytest.mark.parametrize("procedure", ["cola:links=2", "increlora"])
+def test_procedures_that_save_their_own_layers_keep_the_saved_modules(
+    procedure, tiny_model_dir, instruction_file, tmp_path
+):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "training"))
+    from test_train import config
+
+    from lorakit.training import train
+
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, instruction_file, out, procedure=procedure, modules_to_save="norm", steps=4))
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert list(meta["modules_to_save"]) == ["model.norm"]
+    from transformers import AutoModelForCausalLM
+
+    loaded = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+    assert not torch.equal(loaded.model.norm.trained.weight, loaded.model.norm.original.weight)  # trained

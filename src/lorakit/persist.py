@@ -103,6 +103,7 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
     else:
         layers = list(layers.items())
         trainable = sum(p.numel() for _, layer in layers for p in layer.trainable_parameters().values())
+        trainable += sum(p.numel() for extra in EXTRAS for p in extra.trainable_parameters(model))
     config = _common_config(layers)
     tensors, modules = {}, {}
     for name, layer in layers:
@@ -132,7 +133,7 @@ def save_adapter(model: nn.Module, directory, *, layers: dict | None = None) -> 
         tensors.update({f"{SHARED}.{key}": value for key, value in stored.items()})
         shared_info = {"tensors": {key: list(value.shape) for key, value in stored.items()}}
     extras = {}  # modules_to_save, trainable_tokens: their sections of adapter.json
-    for extra in EXTRAS if own else ():
+    for extra in EXTRAS:  # model-wide: also when a procedure passes its own `layers`
         extra_tensors, extras[extra.FILE_KEY] = extra.to_file(model)
         tensors.update(extra_tensors)
     extras = {key: info for key, info in extras.items() if info}
