@@ -114,10 +114,12 @@ def test_save_load_is_exact_and_compact(tied, tmp_path):
     assert (loaded.lm_head.current_rows is loaded.model.embed_tokens.rows) == tied
 
 
-def test_new_tokens_of_a_resized_embedding_load_onto_another_resize(tmp_path):
-    base = _base(False)
+@TIED
+def test_new_tokens_of_a_resized_embedding_load_onto_another_resize(tied, tmp_path):
+    base = _base(tied)
     model = fresh_copy(base)
     model.resize_token_embeddings(VOCAB + 2)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied  # resizing keeps the tie
     ids = [VOCAB, VOCAB + 1]
     model = lorakit.adapt(model, lorakit.AdapterConfig(r=2, targets=["q_proj"], trainable_tokens=ids))
     inputs = torch.tensor([[1, VOCAB, 2, VOCAB + 1, 7]])
@@ -129,6 +131,7 @@ def test_new_tokens_of_a_resized_embedding_load_onto_another_resize(tmp_path):
     assert not torch.equal(again.model.embed_tokens.weight[ids], model.model.embed_tokens.base.weight[ids])
     loaded = lorakit.load_adapter(again, tmp_path / "adapter")
     torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, atol=1e-6, rtol=0)
+    assert (loaded.lm_head.current_rows is loaded.model.embed_tokens.rows) == tied
     wrong_size = r"model.embed_tokens is \(64, 32\) .*\(66, 32\).*resize_token_embeddings"
     with pytest.raises(BaseModelMismatchError, match=wrong_size):
         lorakit.load_adapter(fresh_copy(base), tmp_path / "adapter")
