@@ -175,3 +175,18 @@ def test_trainer_checkpoints_keep_the_rows(tmp_path):
     lorakit.save_adapter(model, tmp_path / "adapter")
     resumed = load_adapter_into(_adapted(base), tmp_path / "adapter")
     assert torch.equal(resumed(inputs).logits, model(inputs).logits)
+
+
+def test_scaled_embeddings_keep_their_scale():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    base = Gemma3ForCausalLM(config).eval()
+    assert hasattr(base.get_input_embeddings(), "embed_scale")  # Gemma 3 multiplies inside the embedding
+    inputs = _batch()
+    model = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(r=2, targets=["q_proj"], trainable_tokens=IDS))
+    torch.testing.assert_close(model(inputs).logits, base(inputs).logits, atol=1e-6, rtol=0)

@@ -80,7 +80,7 @@ class TokenRows(_Rows):
         new = F.embedding(slot.clamp(min=0), self.rows).to(out.dtype)
         scale = getattr(self.base, "embed_scale", None)  # Gemma's scaled embeddings multiply in their forward
         if scale is not None:
-            new = new * scale.to(out.dtype)
+            new = new * torch.as_tensor(scale, dtype=out.dtype, device=out.device)
         return torch.where((slot >= 0).unsqueeze(-1), new, out)
 
 
