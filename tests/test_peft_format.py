@@ -282,7 +282,9 @@ def _token_inputs():
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_export_of_saved_modules_and_token_rows_loads_in_peft(tied, tmp_path):
     base, inputs = tiny_llama(tie_word_embeddings=tied), _token_inputs()
-    config = lorakit.AdapterConfig(r=2, targets=["q_proj", "v_proj"], modules_to_save=["norm"], trainable_tokens=TOKEN_IDS)
+    config = lorakit.AdapterConfig(
+        r=2, targets=["q_proj", "v_proj"], modules_to_save=["norm"], trainable_tokens=TOKEN_IDS
+    )
     model = lorakit.adapt(fresh_copy(base), config)
     perturb_adapters(model)
     _train_extras(model, inputs)

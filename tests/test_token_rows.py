@@ -1,4 +1,4 @@
-"""trainable_tokens: k trained rows of the embedding (and of an untied head) beside the frozen ones (lorakit.token_rows)."""
+"""trainable_tokens: k trained rows of the embedding (and of an untied head) beside the frozen ones (token_rows)."""
 
 from __future__ import annotations
 

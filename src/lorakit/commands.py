@@ -267,7 +267,8 @@ def run_inspect(args) -> int:
     tokens = metadata.get("trainable_tokens")
     if tokens:
         where = ", ".join(f"{name} ({entry['kind']})" for name, entry in tokens["modules"].items())
-        lines.append(f"token rows:  {len(tokens['ids'])} ids {tokens['ids'][:8]} in {where}; head tied: {tokens['tied']}")
+        ids = tokens["ids"]
+        lines.append(f"token rows:  {len(ids)} ids {ids[:8]} in {where}; head tied: {tokens['tied']}")
     print("\n".join(lines))
     return 0
 

@@ -79,8 +79,8 @@ from .layer import is_supported_layer, linear_shape
 from .methods import METHODS
 
 FORMAT = "lorakit-adapter"
-# 4: modules_to_save and trainable_tokens (written only by a file that has them: others stay readable by earlier lorakits as version 3);
-# 3: per-module "r" / "alpha"; 2: base fingerprints with dtype, norm and samples; 1: a digest
+# 4: modules_to_save and trainable_tokens (written only by a file that has them: the others stay version 3, which
+# earlier lorakits read); 3: per-module "r" / "alpha"; 2: base fingerprints with dtype, norm and samples; 1: a digest
 FORMAT_VERSION = 4
 PLAIN_FORMAT_VERSION = 3
 TENSORS_FILE = "adapter.safetensors"

@@ -197,8 +197,11 @@ def to_file(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, info = {}, {"ids": None, "tied": False, "modules": {}}
     for name, module in modules.items():
         info["ids"] = module.ids.tolist()
-        entry = {"kind": "head" if isinstance(module, HeadRows) else "embedding", "rows": list(module.base.weight.shape)}
-        entry["base_fingerprint"] = module.base_fingerprint.to_json()
+        entry = {
+            "kind": "head" if isinstance(module, HeadRows) else "embedding",
+            "rows": list(module.base.weight.shape),
+            "base_fingerprint": module.base_fingerprint.to_json(),
+        }
         if "rows" in module._parameters:
             tensors[f"{FILE_KEY}.{name}.rows"] = module.rows.detach().to("cpu").contiguous()
         else:

@@ -176,7 +176,8 @@ def test_merge_and_peft_export_of_a_classifier(trained, tiny_model_dir, tmp_path
     model = lorakit.load_adapter(model, out / "adapter")
     ids = tokenizer(["good good fox dog", "bad bad sum class"], return_tensors="pt", padding=True)
     expected = model(**ids).logits
-    assert _run("merge", "--model", tiny_model_dir, "--adapter", out / "adapter", "--out", tmp_path / "m").returncode == 0
+    merge = _run("merge", "--model", tiny_model_dir, "--adapter", out / "adapter", "--out", tmp_path / "m")
+    assert merge.returncode == 0, merge.stderr
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     assert merged.config.id2label == {0: "neg", 1: "pos"}
     torch.testing.assert_close(merged(**ids).logits, expected, atol=1e-5, rtol=0)
