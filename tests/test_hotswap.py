@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import make_config, perturb_adapters, tiny_llama
 
 import lorakit
-from conftest import make_config, perturb_adapters, tiny_llama
 
 IDS = torch.arange(12).reshape(2, 6) % 64
 

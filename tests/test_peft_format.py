@@ -94,7 +94,6 @@ def test_import_peft_gives_equal_logits(factory, rslora, tmp_path, inputs):
     [
         (dict(use_dora=True), "DoRA adapters are not supported"),
         (dict(bias="lora_only"), "bias='lora_only'"),
-        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     ],
 )
 def test_unsupported_peft_features_are_refused(config, message, tmp_path):
@@ -260,3 +259,63 @@ def test_peft_pissa_niter_reload_depends_on_the_random_state(tmp_path, inputs):
         torch.manual_seed(seed)
         outputs.append(model_output(peft.PeftModel.from_pretrained(fresh_copy(base), tmp_path / "peft").eval(), inputs))
     assert (outputs[0] - outputs[1]).abs().max() > 1e-3
+
+
+TOKEN_IDS = [3, 5, 60]
+
+
+def _train_extras(model, inputs, steps=2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    for _ in range(steps):
+        model(inputs, labels=inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _token_inputs():
+    inputs = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    inputs[:, ::3] = torch.tensor(TOKEN_IDS)
+    return inputs
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_export_of_saved_modules_and_token_rows_loads_in_peft(tied, tmp_path):
+    base, inputs = tiny_llama(tie_word_embeddings=tied), _token_inputs()
+    config = lorakit.AdapterConfig(
+        r=2, targets=["q_proj", "v_proj"], modules_to_save=["norm"], trainable_tokens=TOKEN_IDS
+    )
+    model = lorakit.adapt(fresh_copy(base), config)
+    perturb_adapters(model)
+    _train_extras(model, inputs)
+    expected = model(inputs).logits
+    lorakit.export_peft(model, tmp_path / "peft")
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["modules_to_save"] == ["model.norm"]
+    tokens = TOKEN_IDS if tied else {"model.embed_tokens": TOKEN_IDS, "lm_head": TOKEN_IDS}
+    assert written["trainable_token_indices"] == tokens
+    loaded = peft.PeftModel.from_pretrained(fresh_copy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(loaded(inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "tied,tokens",
+    [(False, TOKEN_IDS), (False, {"embed_tokens": TOKEN_IDS, "lm_head": TOKEN_IDS}), (True, TOKEN_IDS)],
+    ids=["untied-embedding-only", "untied-both", "tied"],
+)
+def test_import_of_peft_saved_modules_and_trainable_tokens(tied, tokens, tmp_path):
+    base, inputs = tiny_llama(tie_word_embeddings=tied), _token_inputs()
+    peft_config = peft.LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["norm"], trainable_token_indices=tokens
+    )
+    theirs = peft.get_peft_model(fresh_copy(base), peft_config)
+    _train_extras(theirs, inputs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")
+    # PEFT matches "norm" as a plain suffix: the layer norms of every layer are saved modules too
+    saved = [name for name, _ in lorakit.saved_modules.saved_modules(ours)]
+    assert "model.norm" in saved and "model.layers.0.input_layernorm" in saved
+    torch.testing.assert_close(ours(inputs).logits, theirs.eval()(inputs).logits, atol=1e-5, rtol=0)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    again = lorakit.load_adapter(fresh_copy(base), tmp_path / "ours")
+    assert torch.equal(again(inputs).logits, ours(inputs).logits)

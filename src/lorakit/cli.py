@@ -15,7 +15,7 @@ from .errors import LorakitError
 from .methods import METHODS
 from .models import DEFAULT_MODEL
 from .procedures import PROCEDURES
-from .training.run_config import OPTIMIZERS, PRECISIONS, REPORTERS, SCHEDULES, TrainConfig
+from .training.run_config import OPTIMIZERS, PRECISIONS, REPORTERS, SCHEDULES, TASKS, TrainConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -62,6 +62,13 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
         default=None,
         help="evaluation data (default: the eval split of stdlib-docstrings when training on it)",
     )
+    p.add_argument(
+        "--task",
+        default=d.task,
+        choices=TASKS,
+        help="causal-lm, or classification: `text` / `label` records, a sequence classifier whose new head trains "
+        "in full; eval reports accuracy",
+    )
     if not compare:
         p.add_argument("--method", default=d.method, help=f"one of: {', '.join(sorted(METHODS))}")
     p.add_argument("--rank", type=int, default=d.rank, help="adapter rank r (LoRA-Mini: inner rank)")
@@ -69,6 +76,19 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
         "--alpha", type=float, default=None, help="scale numerator; scale = alpha/rank (default alpha = rank)"
     )
     p.add_argument("--targets", default=d.targets, help="'all-linear', comma-separated module suffixes, or re:<regex>")
+    p.add_argument(
+        "--modules-to-save",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="module-name suffixes trained in full beside the adapters (e.g. lm_head, score); saved in the adapter",
+    )
+    p.add_argument(
+        "--add-tokens",
+        default=None,
+        metavar="TOK[,TOK]",
+        help="add these tokens to the tokenizer, resize the embeddings and train only their rows; the tokenizer is "
+        "saved in DIR/adapter/tokenizer",
+    )
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     p.add_argument("--init", default=d.init, help="kaiming or gaussian init of the random trained factor")

@@ -36,22 +36,29 @@ def _positive(name: str, value: int, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} {value} is invalid; use a {'non-negative' if allow_zero else 'positive'} integer")
 
 
-def _load_adapted(args):
-    """(model, tokenizer) with the adapter from args.adapter applied, if any: one directory, or (generate) several
-    NAME=DIR adapters on the one base."""
+def _load_adapted(args, labels=None):
+    """(model, tokenizer) with the adapter from args.adapter applied, if any: one directory (a classifier's: as a
+    classifier), or (generate) several NAME=DIR adapters on the one base."""
     from .models import load_model
     from .persist import load_adapter, read_adapter
 
     adapters = adapter_arguments(args.adapter)
-    schemes = {adapter_quantization(read_adapter(path)[0]) for path in adapters.values()}  # validated before the load
+    labels = labels or _classifier_labels(args)
+    metadata = {name: read_adapter(path)[0] for name, path in adapters.items()}  # validated before the slow load
+    schemes = {adapter_quantization(meta) for meta in metadata.values()}
     if len(schemes) > 1:
         raise ConfigError(
             f"the adapters were trained on bases quantized differently ({', '.join(map(str, sorted(schemes, key=str)))}); "
             "serve together only adapters of one base"
         )
     scheme = next(iter(schemes), None)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    num_labels = len(labels) if labels else None
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, num_labels=num_labels)
+    if labels:  # a merged classifier names its classes
+        model.config.id2label, model.config.label2id = dict(enumerate(labels)), {v: i for i, v in enumerate(labels)}
     if adapters:
+        for name, path in reversed(adapters.items()):  # the first adapter's tokenizer (--add-tokens) wins
+            tokenizer = _adapter_tokenizer(path, model, metadata[name]) or tokenizer
         if Path(args.model, MERGED_MARKER).is_file():
             raise ConfigError(f"model {args.model} is already merged with an adapter; use the original base model")
         if scheme is not None:  # rebuild the base the adapter was trained on (lorakit train --quantize)
@@ -91,6 +98,21 @@ def adapter_arguments(values) -> dict[str, str]:
     return adapters
 
 
+def _adapter_tokenizer(adapter, model, metadata):
+    """The tokenizer saved beside an adapter trained with --add-tokens (or None), the model resized to its tokens."""
+    from .models import _prepare_tokenizer
+    from .token_rows import TOKENIZER_DIR, resize_for_adapter
+
+    resize_for_adapter(model, metadata)
+    if not Path(adapter, TOKENIZER_DIR).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(adapter, TOKENIZER_DIR)))
+    _prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
 def adapter_quantization(metadata: dict) -> str | None:
     """The bitsandbytes scheme ("nf4", "fp4", "int8") of the base an adapter was trained on, or None."""
     from .quantize import SCHEMES
@@ -109,6 +131,9 @@ def run_eval(args) -> int:
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     _positive("--limit", args.limit, allow_zero=True)
     _positive("--exact-match", args.exact_match, allow_zero=True)
+    labels = _classifier_labels(args)
+    if labels:
+        return _eval_classifier(args, labels)
     model, tokenizer = _load_adapted(args)
     split = "eval" if built_in_name(args.data) else "train"  # a built-in dataset: its held-out split
     examples, fmt = load_examples(args.data, tokenizer, args.max_length, split=split)
@@ -126,11 +151,45 @@ def run_eval(args) -> int:
     return 0
 
 
+def _classifier_labels(args) -> list[str] | None:
+    """The classes of a classifier adapter (--task classification), or None; with several adapters, those of a
+    classifier among them."""
+    from .training.classification import read_labels
+
+    for path in adapter_arguments(args.adapter).values():
+        labels = read_labels(path)
+        if labels:
+            return labels
+    return None
+
+
+def _eval_classifier(args, labels: list[str]) -> int:
+    """`lorakit eval` of a --task classification adapter: mean cross-entropy and accuracy on `text` / `label` data."""
+    from .data import read_records
+    from .training import classification
+
+    model, tokenizer = _load_adapted(args, labels)
+    examples = classification.tokenize(read_records(args.data), tokenizer, args.max_length, labels, args.data)
+    if args.limit:
+        examples = examples[: args.limit]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id or 0
+    result = classification.evaluate(model, examples, args.batch_size, pad_id, device)
+    result["examples"] = result.pop("eval_examples")
+    print(json.dumps(result))
+    return 0
+
+
 def run_generate(args) -> int:
     from .training.evaluate import generate, generate_batch
 
     _positive("--max-new-tokens", args.max_new_tokens)
     adapters = adapter_arguments(args.adapter)
+    if _classifier_labels(args):
+        raise ConfigError(
+            f"--adapter {args.adapter[0]} is a classifier (trained with --task classification); it does not generate "
+            "text: use lorakit eval, which reports its accuracy"
+        )
     if args.prompts is None:
         if len(adapters) > 1:
             raise ConfigError("several --adapter with --prompt: name one per prompt with --prompts FILE instead")
@@ -281,6 +340,14 @@ def run_inspect(args) -> int:
     ]
     if len(modules) > len(shown):
         lines.append(f"  ... and {len(modules) - len(shown)} more")
+    for name, entry in (metadata.get("modules_to_save") or {}).items():
+        shapes = ", ".join(f"{key} {'x'.join(map(str, shape))}" for key, shape in entry["tensors"].items())
+        lines.append(f"trained in full: {name} ({entry['class']}: {shapes})")
+    tokens = metadata.get("trainable_tokens")
+    if tokens:
+        where = ", ".join(f"{name} ({entry['kind']})" for name, entry in tokens["modules"].items())
+        ids = tokens["ids"]
+        lines.append(f"token rows:  {len(ids)} ids {ids[:8]} in {where}; head tied: {tokens['tied']}")
     print("\n".join(lines))
     return 0
 

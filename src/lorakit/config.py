@@ -42,6 +42,10 @@ class AdapterConfig:
         mini_outer: LoRA-Mini frozen outer matrices: "orthonormal" (default), "normal" (N(0,1), the authors' code)
             or "qr" (orthonormal bases of the frozen weight's leading columns and rows).
         extra: method options, validated against the method's declared `options` (e.g. {"blocks": 4} for MELoRA).
+        modules_to_save: module-name suffixes (["lm_head"], ["score"]) of modules trained in full, as a copy beside the
+            frozen original (`lorakit.saved_modules`; PEFT's `modules_to_save`).
+        trainable_tokens: token ids whose input-embedding rows (and output-head rows, unless tied) train, as k x d
+            rows beside the frozen embedding (`lorakit.token_rows`; PEFT's `trainable_token_indices`).
     """
 
     method: str = "lora"
@@ -57,6 +61,8 @@ class AdapterConfig:
     mini_b: int = 32
     mini_outer: str = "orthonormal"
     extra: dict = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    trainable_tokens: list[int] | None = None
 
     def __post_init__(self):
         from .methods import METHODS  # late import: methods import the layer, which imports this module
@@ -82,6 +88,8 @@ class AdapterConfig:
             self.exclude = _check_pattern("exclude", self.exclude, allow_all_linear=False)
         if not isinstance(self.extra, dict):
             raise ConfigError("extra must be a dict of method-specific options")
+        self.modules_to_save = _check_names(self.modules_to_save)
+        self.trainable_tokens = _check_token_ids(self.trainable_tokens)
         layer_cls = METHODS[self.method]
         self.extra = validate_options(self.method, layer_cls.options, self.extra)
         layer_cls.check_config(self)
@@ -115,7 +123,11 @@ class AdapterConfig:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for key in ("modules_to_save", "trainable_tokens"):  # unset: the dict (and adapter.json) of earlier versions
+            if data[key] is None:
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterConfig:
@@ -127,6 +139,31 @@ class AdapterConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(names)}")
         return cls(**data)
+
+
+def _check_names(value) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) and v and v == v.strip(".") for v in value):
+        return list(dict.fromkeys(value))
+    raise ConfigError(
+        f"modules_to_save={value!r} is invalid; use a list of module-name suffixes such as ['lm_head'] or ['score']"
+    )
+
+
+def _check_token_ids(value) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
+        if len(set(value)) == len(value):
+            return [int(v) for v in value]
+    raise ConfigError(
+        f"trainable_tokens={value!r} is invalid; use a list of distinct non-negative token ids such as [49152, 49153]"
+    )
 
 
 def _check_pattern(name: str, value, *, allow_all_linear: bool):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import saved_modules, token_rows
 from .adapted import BASE_ROW_NAMES, AdaptedLayer
 from .config import AdapterConfig
 from .errors import ConfigError
@@ -22,6 +23,7 @@ from .routing import install_routing, remove_routing
 SHARED = "lorakit_shared"  # the attribute of the model that owns a method's shared tensors (LoRTA)
 SHARED_ROW = "(shared by all layers)"  # the summary row of those tensors
 DEFAULT_ADAPTER = "default"  # the name of an adapter when none is given: today's one-adapter API and files
+EXTRAS = (saved_modules, token_rows)  # modules trained beside the adapters: each has the same few functions
 
 
 def hosts(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -136,6 +138,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             )
     if config.exclude is not None:
         names = [n for n in names if not _matches(n, config.exclude)]
+    names = saved_modules.check_targets(names, saved_modules.find_saved(model, config), config.targets != "all-linear")
     if not names:
         raise ConfigError(
             f"targets={config.targets!r} match no linear module; some available names: {_examples(linear_names)}"
@@ -184,9 +187,23 @@ def adapt(model: nn.Module, config: AdapterConfig, *, name: str | None = None, i
     name = new_adapter_name(model, name)
     layers = build_layers(model, config, initialize=initialize, name=name)
     warn_frozen_experts(model, config.targets, stacklevel=2)
+    _refuse_extras_beside(model, config)
+    saved = saved_modules.build(model, saved_modules.find_saved(model, config))
+    rows = token_rows.build(model, config, list(layers), list(saved))
     _warn_useless_rank(config, layers)
     install(model, layers, name=name)
+    saved_modules.install(model, saved)
+    token_rows.install(model, rows)
     return model
+
+
+def _refuse_extras_beside(model: nn.Module, config: AdapterConfig) -> None:
+    """modules_to_save and trainable token rows are model-wide: only a model's first adapter has them."""
+    if is_adapted(model) and (config.modules_to_save or config.trainable_tokens):
+        raise ConfigError(
+            "modules_to_save and trainable_tokens belong to a model's first adapter only (they are model-wide); "
+            "add this adapter without them, or adapt a fresh model"
+        )
 
 
 def new_adapter_name(model: nn.Module, name: str | None) -> str:
@@ -283,7 +300,7 @@ def adapter_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
     shared = shared_parameters(model, adapter)
     if shared is not None:
         params += list(shared.trainable_parameters().values())
-    return params
+    return params + [p for extra in EXTRAS for p in extra.trainable_parameters(model)]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -420,7 +437,8 @@ def _merge_targets(model: nn.Module, adapter: str | None) -> list[str]:
 
 def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """Fold s·ΔW of `adapter` (default: every active adapter) into the base weights; refused if already merged.
-    Inference then costs nothing extra."""
+    Inference then costs nothing extra. Modules trained in full (`modules_to_save`) stay as they are: their
+    trained copies are already dense."""
     layers = [layer for name in _merge_targets(model, adapter) for _, layer in adapter_layers(model, name)]
     if any(layer.merged for layer in layers):
         raise ConfigError("the model is already merged; call lorakit.unmerge(model) before merging again")
@@ -462,9 +480,12 @@ def disabled(model: nn.Module):
         layer.unmerge()
     for host in all_hosts:
         host.disabled = True
+    previous_extras = [extra.set_disabled(model, True) for extra in EXTRAS]
     try:
         yield model
     finally:
+        for extra, was in zip(EXTRAS, previous_extras):
+            extra.restore_disabled(model, was)
         for host, was in zip(all_hosts, previous):
             host.disabled = was
         for layer in remerge:
@@ -478,6 +499,8 @@ def unload(model: nn.Module) -> nn.Module:
     for name, host in list(hosts(model)):
         _set_module(model, name, host.restore_base())
     remove_routing(model)
+    for extra in EXTRAS:
+        extra.unload(model)
     return model
 
 
@@ -515,6 +538,8 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
     for target, host in list(hosts(model)):
         _set_module(model, target, dense.get(target, host.base_layer))
     remove_routing(model)
+    for extra in EXTRAS:  # the trained copies, the embedding with its trained rows written in
+        extra.unload(model, keep_trained=True)
     return model
 
 

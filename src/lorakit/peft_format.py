@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from . import saved_modules, token_rows
 from .atomic import prepare_directory, write_bytes, write_json
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
@@ -48,6 +49,8 @@ from .persist import read_json
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+TOKENS_DELTA = "token_adapter.trainable_tokens_delta"  # PEFT's tensor of a TrainableTokensWrapper (new row values)
+SAVED_COPY = "modules_to_save.default."  # how PEFT names a saved module's copy inside the model (files omit it)
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
@@ -64,6 +67,8 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
     return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 
@@ -90,6 +95,7 @@ def export_peft(model: nn.Module, directory) -> Path:
     alpha_pattern = {re.escape(n): a for n, (_, a) in shapes.items() if a != alpha}
     fan_in_fan_out = {layer.fan_in_fan_out for _, layer in layers}
     names = [name for name, _ in layers]
+    saved, token_indices = _export_extras(model, tensors)
     peft_config = {
         "peft_type": "LORA",
         "task_type": _task_type(model),
@@ -103,7 +109,8 @@ def export_peft(model: nn.Module, directory) -> Path:
         "bias": "none",
         "init_lora_weights": True,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": saved or None,
+        "trainable_token_indices": token_indices,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "inference_mode": True,
@@ -116,6 +123,33 @@ def export_peft(model: nn.Module, directory) -> Path:
     write_bytes(out / PEFT_WEIGHTS, save_safetensors(tensors, metadata={"format": "pt"}))
     write_json(out / PEFT_CONFIG, peft_config)
     return out
+
+
+def _export_extras(model: nn.Module, tensors: dict) -> tuple[list[str], list | dict | None]:
+    """Add the saved modules' copies and the token rows to `tensors` under PEFT's names; returns PEFT's
+    (modules_to_save, trainable_token_indices). Full module names: PEFT matches them as suffixes, without a dot
+    boundary, so a full name selects exactly that module."""
+    saved = []
+    for name, module in saved_modules.saved_modules(model):
+        saved.append(name)
+        for key, value in module.stored_tensors().items():
+            tensors[f"{PREFIX}{name}.{key}"] = value.detach().to("cpu").contiguous()
+    rows = dict(token_rows.token_rows(model))
+    if not rows:
+        return saved, None
+    ids = next(iter(rows.values())).ids.tolist()
+    for name, module in rows.items():
+        if "rows" in module._parameters:
+            if isinstance(module, token_rows.HeadRows) and module.base.bias is not None:
+                raise ConfigError(
+                    f"export_peft: the output head {name} has a bias, which PEFT's trainable tokens leave out; "
+                    "train the head with modules_to_save instead"
+                )
+            tensors[f"{PREFIX}{name}.{TOKENS_DELTA}"] = module.rows.detach().to("cpu").contiguous()
+    tied = any(getattr(module, "tied_to", None) is not None for module in rows.values())
+    if tied or len(rows) == 1:  # the embedding (PEFT ties the head to it itself)
+        return saved, ids
+    return saved, {name: ids for name in rows}
 
 
 REFUSED = {
@@ -153,10 +187,9 @@ def _refuse_unsupported(peft_config: dict, where) -> None:
     for key, (bad, feature) in REFUSED.items():
         if peft_config.get(key) == bad:
             raise AdapterFileError(f"{where}: {feature} adapters are not supported by lorakit; use PEFT for this one")
-    if peft_config.get("modules_to_save"):
-        raise AdapterFileError(
-            f"{where}: modules_to_save {peft_config['modules_to_save']} cannot be imported; lorakit adapts linear layers only"
-        )
+    saved = peft_config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(n, str) and n for n in saved)):
+        raise AdapterFileError(f"{where}: modules_to_save must be a list of module names; re-save it with PEFT")
     if peft_config.get("bias", "none") != "none":
         raise AdapterFileError(
             f"{where}: bias={peft_config['bias']!r} (trained biases) is not supported; only bias='none'"
@@ -240,6 +273,8 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
     peft_config, tensors = _read_peft(directory)
     kind = _init_kind(peft_config, Path(directory) / PEFT_CONFIG, bool(peft_config.get("fan_in_fan_out")))
     _refuse_unsupported(peft_config, Path(directory) / PEFT_CONFIG)
+    tensors = dict(tensors)
+    saved, token_ids, new_rows = _import_extras(model, peft_config, tensors, directory)  # takes their tensors
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         stem = key.removeprefix(PREFIX)
@@ -286,11 +321,15 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
                 rslora=rslora,
                 dropout=float(peft_config.get("lora_dropout") or 0.0),
                 targets=sorted(factors),
+                modules_to_save=sorted(saved) or None,
+                trainable_tokens=token_ids,
             )
             configs.update(dict.fromkeys(names, config))
             # OLoRA's initialize() computes (A0, B0) from the base, as PEFT's init does on load
             exact = dataclasses.replace(config, targets=names)
             layers.update(build_layers(model, exact, initialize=kind == "olora"))
+        saved_built = saved_modules.build(model, sorted(saved))
+        rows_built = token_rows.build(model, config, list(layers), sorted(saved))
     except ConfigError as exc:
         raise AdapterFileError(f"PEFT adapter at {directory} does not fit this model: {exc}") from None
     layers = {name: layers[name] for name in sorted(factors)}
@@ -315,4 +354,60 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
             a0, b0 = pissa_start(layer.base_weight_linear(), shapes[name][0], layer.scale)
             a, b = torch.cat([a.to(a0), a0]), torch.cat([b.to(b0), -b0], dim=1)
         layer.load_tensors({"A": a, "B": b})
+    saved_modules.install(model, saved_built)
+    for name, values in saved.items():
+        saved_built[name].load_tensors(values)
+    token_rows.install(model, rows_built)
+    with torch.no_grad():
+        for name, value in new_rows.items():  # an untied head PEFT did not train keeps its rows as they are
+            if "rows" in rows_built[name]._parameters:  # a tied head uses the embedding's
+                rows_built[name].rows.copy_(value)
     return model
+
+
+def _import_extras(model: nn.Module, peft_config: dict, tensors: dict, directory):
+    """PEFT's modules_to_save and trainable tokens, taken out of `tensors`: ({module: {tensor: value}}, token ids or
+    None, {module: new rows}). Modules are selected as PEFT selects them (a name that ends with an entry)."""
+    stems = {key.removeprefix(PREFIX): key for key in tensors}
+    saved = {}
+    patterns = peft_config.get("modules_to_save") or []
+    names = [n for n, _ in model.named_modules() if n and any(n.endswith(p) for p in patterns)]
+    if patterns and not names:
+        raise AdapterFileError(f"{directory}: modules_to_save {patterns} match no module of this model")
+    for name in [n for n in names if saved_modules.covered(n, [m for m in names if m != n]) is None]:
+        saved[name] = {}
+        for key, value in model.get_submodule(name).state_dict().items():
+            stem = next((s for s in (f"{name}.{key}", f"{name}.{SAVED_COPY}{key}") if s in stems), None)
+            if stem is None and value.is_floating_point():
+                raise AdapterFileError(f"{directory}: modules_to_save {name} lacks its tensor {key!r}; re-save it")
+            if stem is not None:
+                saved[name][key] = tensors.pop(stems.pop(stem))
+    indices = peft_config.get("trainable_token_indices")
+    if indices is None:
+        return saved, None, {}
+    (embed_name, _), (head_name, _) = token_rows._embedding_and_head(model)
+    if isinstance(indices, list):
+        indices = {embed_name: indices}
+    wanted = {}
+    for key, ids in indices.items() if isinstance(indices, dict) else ():
+        name = next((n for n in (embed_name, head_name) if n and n.endswith(key)), None)
+        if name is None:
+            raise AdapterFileError(
+                f"{directory}: trainable_token_indices on {key!r}, which is not the input embedding {embed_name} or "
+                "the output head; lorakit trains token rows of those two only"
+            )
+        wanted[name] = ids
+    values = list(wanted.values())
+    if embed_name not in wanted or any(v != values[0] for v in values):
+        raise AdapterFileError(
+            f"{directory}: trainable_token_indices {indices} must give the input embedding {embed_name} (and the head "
+            "the same ids, if any); lorakit trains the same token rows in both"
+        )
+    rows = {}
+    for name in wanted:
+        stem = f"{name}.{TOKENS_DELTA}"
+        if stem in stems:
+            rows[name] = tensors.pop(stems.pop(stem))
+    if embed_name not in rows:
+        raise AdapterFileError(f"{directory}: the trainable tokens of {embed_name} are missing; re-save it with PEFT")
+    return saved, values[0], rows

@@ -13,6 +13,11 @@ Per-module ranks (format version 3): the top-level config holds the most common 
 or alpha differs carries its own "r" and "alpha" (XGBLoRA's and IncreLoRA's adapters: every module its own rank,
 no padding). Methods with tensors shared by all layers (LoRTA) have one rank.
 
+Modules trained in full (format version 4, `lorakit.saved_modules`): the "modules_to_save" section lists each
+module's tensors and fingerprints of its original; the tensors are "modules_to_save.<module>.<tensor>".
+Trainable token rows (`lorakit.token_rows`): the "trainable_tokens" section holds the ids, whether the head is tied,
+and a fingerprint of the rows that do not train; the k x d rows are "trainable_tokens.<module>.rows".
+
 A save replaces both files as one: adapter.json is the commit point.
 
     1. the new tensors go to `.adapter.pending.safetensors` (temporary file, fsync, rename)
@@ -61,8 +66,10 @@ from .fingerprint import (
     update_sketch,
 )
 from .inject import (
+    EXTRAS,
     SHARED,
     _require_adapted,
+    adapter_names,
     adapter_parameters,
     build_layers,
     install,
@@ -75,7 +82,10 @@ from .layer import is_supported_layer, linear_shape
 from .methods import METHODS
 
 FORMAT = "lorakit-adapter"
-FORMAT_VERSION = 3  # 3: per-module "r" / "alpha"; 2: base fingerprints with dtype, norm and samples; 1: a digest
+# 4: modules_to_save and trainable_tokens (written only by a file that has them: the others stay version 3, which
+# earlier lorakits read); 3: per-module "r" / "alpha"; 2: base fingerprints with dtype, norm and samples; 1: a digest
+FORMAT_VERSION = 4
+PLAIN_FORMAT_VERSION = 3
 TENSORS_FILE = "adapter.safetensors"
 PENDING_TENSORS_FILE = ".adapter.pending.safetensors"
 CONFIG_FILE = "adapter.json"
@@ -99,6 +109,7 @@ def save_adapter(model: nn.Module, directory, *, name: str | None = None, layers
     else:
         layers = list(layers.items())
         trainable = sum(p.numel() for _, layer in layers for p in layer.trainable_parameters().values())
+        trainable += sum(p.numel() for extra in EXTRAS for p in extra.trainable_parameters(model))
     config = _common_config(layers)
     tensors, modules = {}, {}
     for name, layer in layers:
@@ -127,10 +138,16 @@ def save_adapter(model: nn.Module, directory, *, name: str | None = None, layers
         stored = {key: value.detach().to("cpu").contiguous() for key, value in shared.stored_tensors().items()}
         tensors.update({f"{SHARED}.{key}": value for key, value in stored.items()})
         shared_info = {"tensors": {key: list(value.shape) for key, value in stored.items()}}
+    extras = {}  # modules_to_save, trainable_tokens: their sections of adapter.json
+    first = not own or adapter == adapter_names(model)[0]  # model-wide: they go with the model's first adapter
+    for extra in EXTRAS if first else ():  # also when a procedure passes its own `layers`
+        extra_tensors, extras[extra.FILE_KEY] = extra.to_file(model)
+        tensors.update(extra_tensors)
+    extras = {key: info for key, info in extras.items() if info}
     blob = save_safetensors(tensors, metadata={"format": FORMAT})
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if extras else PLAIN_FORMAT_VERSION,
         "lorakit_version": __version__,
         "method": config.method,
         "config": config.to_dict(),
@@ -142,6 +159,7 @@ def save_adapter(model: nn.Module, directory, *, name: str | None = None, layers
     }
     if shared_info is not None:
         metadata["shared"] = shared_info
+    metadata.update(extras)
     out = prepare_directory(directory)
     _finish_interrupted_save(out)
     write_bytes(out / PENDING_TENSORS_FILE, blob)
@@ -287,6 +305,8 @@ def validate_metadata(metadata, where) -> AdapterConfig:
                 fail(f"shared tensor {key!r} has an invalid shape")
         if any("r" in info or "alpha" in info for info in modules.values()):
             fail("per-module ranks are not possible with shared tensors")
+    for extra in EXTRAS:
+        extra.validate(metadata.get(extra.FILE_KEY), fail)
     return config
 
 
@@ -327,6 +347,8 @@ def _check_tensor_shapes(metadata: dict, tensors: dict[str, torch.Tensor], where
     }
     for key, shape in (metadata.get("shared") or {}).get("tensors", {}).items():
         expected[f"{SHARED}.{key}"] = tuple(shape)
+    for extra in EXTRAS:
+        expected.update(extra.file_shapes(metadata.get(extra.FILE_KEY)))
     if set(expected) != set(tensors):
         missing = sorted(set(expected) - set(tensors))[:3]
         extra = sorted(set(tensors) - set(expected))[:3]
@@ -493,6 +515,11 @@ def load_adapter(model: nn.Module, directory, *, name: str | None = None, strict
             "onto a fresh base model"
         )
     adapter = new_adapter_name(model, name)
+    if is_adapted(model) and any(metadata.get(extra.FILE_KEY) for extra in EXTRAS):
+        raise ConfigError(
+            f"{directory} has modules_to_save or trainable tokens, which belong to a model's first adapter only "
+            "(they are model-wide); load it onto a fresh base model"
+        )
     fingerprints, other_dtype = _compare_base(model, metadata, config, strict=strict)
     layer_cls = METHODS[config.method]
     configs = {name: module_config(config, info) for name, info in metadata["modules"].items()}
@@ -531,6 +558,7 @@ def load_adapter(model: nn.Module, directory, *, name: str | None = None, strict
             raise AdapterFileError(f"{directory}: module {name} has invalid 'fields' ({exc}); save it again") from None
         layer.load_tensors({key: tensors[f"{name}.{key}"] for key in metadata["modules"][name]["tensors"]})
     recomputed = check_recomputed(layers, metadata, strict=strict)  # before the model is touched
+    extras = [extra.from_file(model, metadata.get(extra.FILE_KEY), tensors, strict=strict) for extra in EXTRAS]
     if other_dtype:
         message = _dtype_message(*other_dtype)
         if recomputed is not None:
@@ -547,4 +575,6 @@ def load_adapter(model: nn.Module, directory, *, name: str | None = None, strict
             )
         warnings.warn(message, stacklevel=2)
     install(model, layers, name=adapter)
+    for extra, modules in zip(EXTRAS, extras):
+        extra.install(model, modules)
     return model

@@ -56,10 +56,18 @@ def build_files(root: Path) -> dict[str, str]:
     tensors = files["corrupt"] / "adapter.safetensors"
     tensors.write_bytes(bytes(b ^ 0xFF for b in tensors.read_bytes()))
     os.truncate(files["truncated"] / "adapter.safetensors", 1000)
-    for name, edit in (("nofields", lambda d: d.pop("modules")), ("newer", lambda d: d.update(format_version=4))):
+    for name, edit in (("nofields", lambda d: d.pop("modules")), ("newer", lambda d: d.update(format_version=5))):
         meta = json.loads((files[name] / "adapter.json").read_text())
         edit(meta)
         (files[name] / "adapter.json").write_text(json.dumps(meta))
+    # an adapter trained with --task classification (its head saved in full, its labels beside it)
+    from lorakit.models import load_model
+    from lorakit.training.classification import save_labels
+
+    classifier, _ = load_model(str(files["model"]), num_labels=2)
+    classifier = lorakit.adapt(classifier, lorakit.AdapterConfig(r=2, targets=["q_proj"], modules_to_save=["score"]))
+    files["classifier"] = lorakit.save_adapter(classifier, root / "classifier")
+    save_labels(files["classifier"], ["neg", "pos"])
     files["merged"] = Path(shutil.copytree(files["model"], root / "merged"))
     (files["merged"] / "lorakit_merged.json").write_text("{}")
     # chat data, and models whose tokenizer has no chat template, one that refuses the messages, a broken one

@@ -1,10 +1,10 @@
 """transformers' Trainer trains one named adapter while another stays active and frozen; the save is that adapter."""
 
 import torch
+from conftest import make_config, perturb_adapters, tiny_llama
 from trainer_helpers import INPUTS, adapted, frozen, train
 
 import lorakit
-from conftest import make_config, perturb_adapters, tiny_llama
 
 
 def test_trainer_trains_the_named_adapter_only_and_saves_it(tmp_path):

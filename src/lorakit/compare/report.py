@@ -139,6 +139,7 @@ def summarise(methods: dict, target: float | None) -> tuple[dict, float | None]:
             "wall_time_s": [r.get("wall_time_s") for r in ok],
             "peak_memory_bytes": [r.get("peak_memory_bytes") for r in ok],
             "exact_match": [r.get("exact_match") for r in ok],
+            "accuracy": [r.get("accuracy") for r in ok],  # --task classification
         }
         entry["mean"], entry["std"] = {}, {}
         for key, values in fields.items():
@@ -231,6 +232,7 @@ def markdown(results: dict) -> str:
     target = results["target_loss"]
     spread = "Mean ± std over seeds" if len(results["seeds"]) > 1 else "One seed: single-run values, no spread measured"
     exact = any(e["mean"].get("exact_match") is not None for e in results["methods"].values())
+    accuracy = any(e["mean"].get("accuracy") is not None for e in results["methods"].values())
     lines = [
         f"# lorakit compare: {setting['model']} on {setting['data']}",
         "",
@@ -243,8 +245,9 @@ def markdown(results: dict) -> str:
         "adapter holds a different number (a training procedure), it follows as 'adapter:', and the plots use it.",
         "",
         "| method | lr | trainable params | adapter file | final loss | perplexity | steps to target | tokens/s | wall time | peak memory |"
-        + (" exact match |" if exact else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if exact else ""),
+        + (" exact match |" if exact else "")
+        + (" accuracy |" if accuracy else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if exact else "") + ("---|" if accuracy else ""),
     ]
     unfinished = []
     for label, entry in results["methods"].items():
@@ -266,6 +269,8 @@ def markdown(results: dict) -> str:
         )
         if exact:
             row += f" {_percent(mean.get('exact_match'), std.get('exact_match'))} |"
+        if accuracy:
+            row += f" {_percent(mean.get('accuracy'), std.get('accuracy'))} |"
         lines.append(row)
         unfinished += [
             f"- {label} seed {seed}: {run['status']}: {run.get('error') or 'no message'}"

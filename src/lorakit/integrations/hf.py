@@ -44,7 +44,7 @@ from ..atomic import write_bytes
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, BaseModelMismatchError, ConfigError
 from ..fingerprint import DIFFERENT, SAME_OTHER_DTYPE, Fingerprint, tolerance
-from ..inject import SHARED, _require_adapted, adapter_layers, is_adapted, shared_parameters
+from ..inject import EXTRAS, SHARED, _require_adapted, adapter_layers, is_adapted, shared_parameters
 from ..persist import read_adapter, save_adapter
 
 RESUME_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME: the file the Trainer loads on resume
@@ -187,6 +187,8 @@ def _resume_blob(model: nn.Module, layers, procedure) -> bytes:
         stored = _cpu(shared.stored_tensors())
         tensors.update({f"{SHARED}.{key}": value for key, value in stored.items()})
         header["shared"] = {"tensors": {key: list(value.shape) for key, value in stored.items()}}
+    for extra in EXTRAS:  # the trained copies of modules_to_save, the trainable token rows
+        tensors.update(extra.to_file(model)[0])
     if procedure is not None:
         extra = _cpu(procedure.state_tensors(model))
         tensors.update({PROCEDURE_PREFIX + key: value for key, value in extra.items()})
@@ -353,6 +355,8 @@ def check_adapter(model, layers, saved: AdapterConfig, modules: dict, shared_inf
     if saved_shared != own_shared:
         raise AdapterFileError(f"{where}: shared tensors {saved_shared} do not fit the model's {own_shared}")
     expected.update({f"{SHARED}.{key}": shape for key, shape in own_shared.items()})
+    for extra in EXTRAS:
+        expected.update(extra.file_shapes(extra.to_file(model)[1]))
     if set(tensors) != set(expected):
         missing = sorted(set(expected) - set(tensors))[:3]
         extra = sorted(set(tensors) - set(expected))[:3]
@@ -410,6 +414,8 @@ def load_into_layers(model: nn.Module, layers, tensors: dict[str, torch.Tensor])
         prefix = f"{name}."
         own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
         layer.load_tensors({key: value for key, value in own.items() if "." not in key})
+    for extra in EXTRAS:
+        extra.load_into(model, tensors)
 
 
 def load_adapter_into(model: nn.Module, directory, *, strict: bool = True) -> nn.Module:

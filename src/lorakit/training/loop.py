@@ -27,6 +27,8 @@ from ..models import load_model
 from ..persist import load_adapter, save_adapter
 from ..procedures.base import TrainingState
 from ..quantize import model_quantization, quantize_model
+from ..token_rows import TOKENIZER_DIR, add_tokens
+from . import classification
 from . import rng as train_rng
 from .batches import collate, global_batch, micro_batch, trained_tokens
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -34,7 +36,7 @@ from .distributed import local_base_elements, make_runtime
 from .evaluate import evaluate_loss
 from .loss import token_loss_sum
 from .rng import seed_process
-from .run_config import TrainConfig, flags_in_message
+from .run_config import TrainConfig, flags_in_message, parse_names
 
 SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -141,14 +143,19 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     torch.manual_seed(cfg.seed)  # the same on every process while the model is built
     for source in filter(None, (cfg.data, cfg.eval_data)):
         read_records(source)  # fail fast on a missing or broken file, before the model loads
-    base, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    classify = cfg.task == "classification"
+    labels = classification.labels_of(read_records(cfg.data), cfg.data) if classify else None
+    base, tokenizer = load_model(
+        cfg.model, trust_remote_code=cfg.trust_remote_code, num_labels=len(labels) if classify else None
+    )
+    new_token_ids = add_tokens(base, tokenizer, parse_names(cfg.add_tokens)) if cfg.add_tokens else None
     if cfg.quantize:
         quantize_model(base, cfg.quantize)  # before the adapters: they read the quantized weights
-    examples, data_format = load_examples(cfg.data, tokenizer, cfg.max_length)
+    examples, data_format = _load_data(cfg.data, tokenizer, cfg.max_length, labels)
     eval_source = cfg.eval_data or default_eval_source(cfg.data)  # a built-in dataset's own eval split
     eval_examples = None
     if eval_source:
-        eval_examples, _ = load_examples(eval_source, tokenizer, cfg.max_length, split="eval")
+        eval_examples, _ = _load_data(eval_source, tokenizer, cfg.max_length, labels, split="eval")
         if cfg.eval_limit:
             eval_examples = eval_examples[: cfg.eval_limit]
     try:
@@ -156,6 +163,11 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         # fingerprints (taken when the adapter layers are built) are those of full weights.
         procedure = _make_procedure(cfg)  # its options and the model it must train are checked before anything is written
         adapter_config = procedure.adapter_config(cfg.adapter_config()) if procedure else cfg.adapter_config()
+        if new_token_ids:  # --add-tokens: only their rows train
+            adapter_config = dataclasses.replace(adapter_config, trainable_tokens=new_token_ids)
+        if classify:  # the new head trains in full
+            saved = [classification.head_name(base)] + (adapter_config.modules_to_save or [])
+            adapter_config = dataclasses.replace(adapter_config, modules_to_save=list(dict.fromkeys(saved)))
         model = load_adapter(base, resume_from) if resume_from else adapt(base, adapter_config)
     except ConfigError as exc:
         raise ConfigError(flags_in_message(str(exc))) from None
@@ -227,13 +239,16 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     started, tokens_total = time.perf_counter(), 0
     last_checkpoint = checkpoint_dirs(out)[-1] if checkpoint_dirs(out) else None
     record: dict = {}
+    evaluate = classification.evaluate if classify else evaluate_loss
+    collate_batch = classification.collate if classify else collate
+    counted = (lambda example: 1) if classify else trained_tokens  # what the loss is a mean over
     if eval_examples and cfg.eval_every and start_step == 0:  # where every method starts from
-        log.write({"step": 0, **evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device, runtime)})
+        log.write({"step": 0, **evaluate(model, eval_examples, cfg.batch_size, pad_id, device, runtime)})
     try:
         for step in range(start_step, cfg.steps):
             step_start = time.perf_counter()
             indices = global_batch(len(examples), step, global_size, cfg.seed)
-            global_tokens = sum(trained_tokens(examples[i]) for i in indices)
+            global_tokens = sum(counted(examples[i]) for i in indices)
             step_tokens = sum(len(examples[i]["input_ids"]) for i in indices)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             moment.step = step
@@ -241,9 +256,13 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
                 procedure.before_step(moment)
             for k in range(cfg.grad_accum):
                 chosen = micro_batch(indices, k, rank, cfg.batch_size, world)
-                batch = {key: v.to(device) for key, v in collate([examples[i] for i in chosen], pad_id).items()}
+                batch = collate_batch([examples[i] for i in chosen], pad_id)
+                batch = {key: v.to(device) for key, v in batch.items()}
                 with runtime.gradient_sync(model, k == cfg.grad_accum - 1), runtime.autocast():
-                    loss = token_loss_sum(model, batch, full_logits=cfg.full_logits)
+                    if classify:
+                        loss = classification.loss_sum(model, batch)
+                    else:
+                        loss = token_loss_sum(model, batch, full_logits=cfg.full_logits)
                     # DDP and FSDP average gradients over processes: scale by `world` so the result is the global mean
                     runtime.backward(loss * (world / max(global_tokens, 1)))
                 loss_sum += loss.detach().double()
@@ -280,7 +299,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             }
             is_last = step + 1 == cfg.steps
             if eval_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or is_last):
-                record.update(evaluate_loss(model, eval_examples, cfg.batch_size, pad_id, device, runtime))
+                record.update(evaluate(model, eval_examples, cfg.batch_size, pad_id, device, runtime))
             log.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -301,6 +320,10 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     with runtime.full_adapter(model) as full:  # a collective under FSDP: every process gathers, process 0 writes
         if main:  # a procedure may save other layers (Chain of LoRA: all links as one LoRA)
             adapter_dir = save_adapter(full, out / "adapter", layers=procedure and procedure.layers_to_save(full))
+            if cfg.add_tokens:  # eval / generate read the adapter with the tokenizer that knows its tokens
+                tokenizer.save_pretrained(adapter_dir / TOKENIZER_DIR)
+            if classify:  # eval builds the classifier with these labels
+                classification.save_labels(adapter_dir, labels)
     if main:
         summary = {
             "method": cfg.method,
@@ -310,6 +333,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             "final_train_loss": record.get("loss"),
             "final_eval_loss": record.get("eval_loss"),
             "final_eval_perplexity": record.get("eval_perplexity"),
+            "task": cfg.task,
+            "accuracy": record.get("accuracy"),  # --task classification, with eval data
             "trainable_parameters": trainable,
             "adapter_bytes": (adapter_dir / "adapter.safetensors").stat().st_size,
             "wall_time_s": wall,
@@ -342,6 +367,14 @@ def enable_gradient_checkpointing(model) -> None:
             "train without it"
         )
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _load_data(source: str, tokenizer, max_length: int, labels: list[str] | None, split: str = "train"):
+    """(examples, format): token-level examples, or with `labels` (--task classification) one label per text."""
+    if labels is None:
+        return load_examples(source, tokenizer, max_length, split=split)
+    records = read_records(source, split=split)
+    return classification.tokenize(records, tokenizer, max_length, labels, source), "classification"
 
 
 def _make_optimizer(cfg: TrainConfig, model):

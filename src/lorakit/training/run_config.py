@@ -20,6 +20,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 REPORTERS = ("none", "tensorboard")
 OPTIMIZERS = ("adamw", "rite")
+TASKS = ("causal-lm", "classification")  # classification: `text` / `label` records (training/classification.py)
 # Settings that may differ between a run and its --resume (everything else must match run.json).
 RESUME_MAY_DIFFER = ("resume", "quiet", "report_to", "out")
 
@@ -27,6 +28,7 @@ RESUME_MAY_DIFFER = ("resume", "quiet", "report_to", "out")
 @dataclass
 class TrainConfig:
     out: str = "runs/train"
+    task: str = "causal-lm"
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     eval_data: str | None = None
@@ -34,6 +36,8 @@ class TrainConfig:
     rank: int = 16
     alpha: float | None = None
     targets: str = "all-linear"
+    modules_to_save: str | None = None  # comma-separated module-name suffixes trained in full (lorakit.saved_modules)
+    add_tokens: str | None = None  # comma-separated tokens added to the tokenizer, their rows trained (token_rows)
     dropout: float = 0.0
     rslora: bool = False
     init: str = "kaiming"
@@ -91,6 +95,10 @@ class TrainConfig:
                 raise ConfigError(
                     f"{_flag(field)} {getattr(self, field)!r} is unknown; use one of: {', '.join(choices)}"
                 )
+        if self.task not in TASKS:
+            raise ConfigError(f"--task {self.task!r} is unknown; use one of: {', '.join(TASKS)}")
+        if self.task == "classification" and self.add_tokens:
+            raise ConfigError("--add-tokens is for causal language models; drop it with --task classification")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer!r} is unknown; use one of: {', '.join(OPTIMIZERS)}")
         if self.procedure is not None:
@@ -112,6 +120,18 @@ class TrainConfig:
                     "--quantize is not supported with --fsdp; drop --fsdp (torchrun without it runs DDP, which "
                     "supports --quantize) or drop --quantize"
                 )
+        if self.add_tokens is not None and not parse_names(self.add_tokens):
+            raise ConfigError(
+                f"--add-tokens {self.add_tokens!r} is invalid; give the new tokens separated by commas, such as "
+                "'<tool>,</tool>'"
+            )
+        whole = [flag for flag, used in (("--modules-to-save", self.modules_to_save), ("--add-tokens", self.add_tokens),
+                                         ("--task classification", self.task == "classification")) if used]  # fmt: skip
+        if self.fsdp and whole:  # full_adapter gathers the adapter layers' shards only
+            raise ConfigError(
+                f"{whole[0]} does not support --fsdp yet: the modules it trains are not gathered for saving; train "
+                "without --fsdp (torchrun without it runs DDP)"
+            )
         if self.fsdp and self.precision == "fp16":
             raise ConfigError("--precision fp16 is not supported with --fsdp; use --precision bf16")
         self.adapter_config()
@@ -132,6 +152,7 @@ class TrainConfig:
                 mini_b=self.mini_b,
                 mini_outer=self.mini_outer,
                 extra=parse_option_strings(self.option),
+                modules_to_save=parse_names(self.modules_to_save) if self.modules_to_save is not None else None,
             )
         except ConfigError as exc:
             raise ConfigError(flags_in_message(str(exc))) from None
@@ -171,6 +192,11 @@ def parse_targets(value) -> str | list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def parse_names(value: str) -> list[str]:
+    """CLI form of a list: comma-separated, blanks dropped."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -185,6 +211,7 @@ FLAG_NAMES = {
     "init": "--init",
     "dropout": "--dropout",
     "targets": "--targets",
+    "modules_to_save": "--modules-to-save",
 }
 
 
