@@ -41,6 +41,19 @@ class Routing:
 
     rows: tuple[str, ...]
     slots: dict = field(default_factory=dict)  # (adapter names of a layer) -> row slot index tensor, per device
+    names: dict = field(default_factory=dict)  # (a layer's adapters) -> the names of this batch it has
+
+    def names_on(self, host) -> tuple[str, ...]:
+        """The adapters of this batch that `host` has, in first-row order (checked unmerged once per forward)."""
+        key = tuple(host.adapters)
+        names = self.names.get(key)
+        if names is None:
+            names = tuple(name for name in dict.fromkeys(self.rows) if name in host.adapters)
+            merged = [name for name in names if host.adapters[name].merged]
+            if merged:
+                raise ConfigError(f"adapter {merged[0]!r} is merged; call lorakit.unmerge(model) before a mixed batch")
+            self.names[key] = names
+        return names
 
     def slot_index(self, names: tuple[str, ...], device) -> torch.Tensor:
         key = (names, str(device))
@@ -53,7 +66,10 @@ class Routing:
 
 
 def _version_key(layer) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in (*layer.parameters(), *layer.buffers()))
+    """Changes when any of the adapter's own tensors is replaced or written in place (an adapter has no child
+    modules with tensors: its dropout has none)."""
+    tensors = (*layer._parameters.values(), *layer._buffers.values())
+    return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
 
 def _shared_outer(layers) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -122,12 +138,9 @@ def routed_forward(host, x: torch.Tensor, routing: Routing) -> torch.Tensor:
             "batch (generate: without beams or several sequences per prompt)"
         )
     out = host.base_output(x)
-    names = tuple(name for name in dict.fromkeys(rows) if name in host.adapters)
+    names = routing.names_on(host)
     if not names:
         return out
-    merged = [name for name in names if host.adapters[name].merged]
-    if merged:
-        raise ConfigError(f"adapter {merged[0]!r} is merged; call lorakit.unmerge(model) before a mixed batch")
     stacks = _stacks(host, names)
     index = routing.slot_index(names, x.device)
     if not stacks.low_rank:
