@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reproduction of every method's headline claim (docs/reproduction.md): eight `lorakit compare` runs (parts).
+# The reproduction of every method's headline claim (docs/reproduction.md): nine `lorakit compare` runs (parts).
 # Each is resumable: run this script again after an interruption and it continues where it stopped (finished runs
 # are skipped, started ones resume from their last checkpoint). Outputs go to runs/claims-*; the committed copies of
 # results.json, report.md and the plots live in docs/reproduction/<dataset>/. Each comparison also reuses its
