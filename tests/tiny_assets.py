@@ -41,7 +41,7 @@ def build_tokenizer(chat_template: bool = True):
     return fast
 
 
-def build_model_dir(path: Path, *, chat_template: bool = True, seed: int = 0) -> Path:
+def build_model_dir(path: Path, *, chat_template: bool = True, seed: int = 0, intermediate_size: int = 64) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(chat_template)
@@ -49,7 +49,7 @@ def build_model_dir(path: Path, *, chat_template: bool = True, seed: int = 0) ->
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
-        intermediate_size=64,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -250,6 +250,11 @@ class TorchaoNF4(FrozenBase):
         total = sum(t.numel() * t.element_size() for t in (getattr(weight, p, None) for p in parts) if t is not None)
         return total / (self.in_features * self.out_features)
 
+    def quantization_settings(self):
+        weight = self.module.weight
+        return {"scheme": self.quantization, "block_size": int(weight.block_size),
+                "scaler_block_size": int(weight.scaler_block_size)}
+
     def dense_weight(self):
         return self.module.weight.get_original_weight()
 

@@ -150,8 +150,9 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
     p.add_argument(
         "--quantize",
         default=None,
-        choices=("nf4", "fp4", "int8"),
-        help="quantize the base's linear layers with bitsandbytes (QLoRA: nf4); the adapters train on top",
+        choices=("nf4", "fp4", "int8", "torchao-nf4"),
+        help="quantize the base's linear layers with bitsandbytes (QLoRA: nf4), or torchao's NF4 (torchao-nf4); the "
+        "adapters train on top",
     )
     p.add_argument(
         "--gradient-checkpointing",

@@ -114,7 +114,7 @@ def _adapter_tokenizer(adapter, model, metadata):
 
 
 def adapter_quantization(metadata: dict) -> str | None:
-    """The bitsandbytes scheme ("nf4", "fp4", "int8") of the base an adapter was trained on, or None."""
+    """The scheme ("nf4", "fp4", "int8", "torchao-nf4") of the quantized base an adapter was trained on, or None."""
     from .quantize import SCHEMES
 
     dtypes = {info.get("base_dtype") for info in metadata["modules"].values()}

@@ -75,6 +75,7 @@ def build_files(root: Path) -> dict[str, str]:
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     files["chat"].write_text(json.dumps(chat) + "\n")
     files["notemplate"] = build_model_dir(root / "notemplate", chat_template=False)
+    files["oddmodel"] = build_model_dir(root / "oddmodel", intermediate_size=49)  # 32 x 49 weights: not 64-blocks
     templates = {
         "refusing": '{{ raise_exception("roles must alternate user/assistant/user") }}',
         "badtemplate": "{% for m in messages %",

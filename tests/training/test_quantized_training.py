@@ -110,7 +110,9 @@ def test_quantized_training_records_its_base_and_reloads(tiny_model_dir, instruc
     assert diff <= 1e-4, diff
 
 
-@pytest.mark.parametrize("settings", [dict(quantize="nf4"), dict(quantize="int8", gradient_checkpointing=True)])
+@pytest.mark.parametrize(
+    "settings", [dict(quantize="nf4"), dict(quantize="int8", gradient_checkpointing=True), dict(quantize="torchao-nf4")]
+)
 def test_resume_is_exact(settings, tiny_model_dir, instruction_file, tmp_path):
     """A run restarted from its step-3 checkpoint ends bit for bit where the uninterrupted run ended."""
     whole = tmp_path / "whole"
@@ -122,6 +124,51 @@ def test_resume_is_exact(settings, tiny_model_dir, instruction_file, tmp_path):
     train(config(tiny_model_dir, instruction_file, resumed, steps=6, save_every=3, dropout=0.1, resume=True,
                  **settings))
     assert max_diff(adapter_tensors(whole), adapter_tensors(resumed)) == 0.0
+
+
+def test_torchao_nf4_training_records_its_base_and_reloads(tiny_model_dir, instruction_file, tmp_path, capsys):
+    """`--quantize torchao-nf4`: every linear but the head gets a torchao NF4Tensor weight; summary.json records it,
+    the adapter loads silently onto the same base, and `lorakit eval` and `lorakit merge` rebuild that base."""
+    from lorakit.base_layers import TorchaoNF4, frozen_base
+    from lorakit.cli import main
+
+    out = tmp_path / "torchao"
+    summary = train(config(tiny_model_dir, instruction_file, out, quantize="torchao-nf4", steps=6))
+    assert summary["quantization"] == "torchao-nf4" and 0 < summary["base_bytes_per_parameter"] < 4
+    model = quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "torchao-nf4")
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()]
+    assert linear and all(isinstance(frozen_base(m), TorchaoNF4) for m in linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same torchao NF4 base: no warning
+        quantized = lorakit.load_adapter(model, out / "adapter")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"), "--data",
+                 str(instruction_file), "--limit", "8"]) == 0
+    evaluated = capsys.readouterr()
+    assert "the adapter was trained on a torchao-nf4 base; quantized" in evaluated.err
+    assert "this base is float32" not in evaluated.err
+    from lorakit.data import load_examples
+    from lorakit.models import load_model
+    from lorakit.training.evaluate import evaluate_loss
+
+    _, tokenizer = load_model(str(tiny_model_dir))
+    examples, _ = load_examples(str(instruction_file), tokenizer, 256)
+    expected = evaluate_loss(quantized, examples[:8], 4, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    assert abs(json.loads(evaluated.out.strip().splitlines()[-1])["eval_loss"] - expected["eval_loss"]) <= 1e-6
+    with pytest.warns(UserWarning, match="this base is float32"):
+        plain = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+    plain = evaluate_loss(plain, examples[:8], 4, tokenizer.pad_token_id or 0, torch.device("cpu"))
+    assert plain["eval_loss"] != expected["eval_loss"]  # one warning onto float32, another loss: eval rebuilt NF4
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"), "--out",
+                 str(merged_dir)]) == 0
+    assert "onto the dequantized torchao-nf4 weights" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    quantized.train()
+    with torch.no_grad():
+        diff = (merged(input_ids=ids).logits - quantized(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
 
 
 @pytest.mark.parametrize("procedure", ["flat:rho=0.05", "cola:links=2", "xgblora", "increlora"])

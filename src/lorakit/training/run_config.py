@@ -64,7 +64,7 @@ class TrainConfig:
     report_to: str = "none"
     precision: str = "no"
     fsdp: bool = False
-    quantize: str | None = None  # quantize the loaded base with bitsandbytes: nf4, fp4 or int8 (lorakit.quantize)
+    quantize: str | None = None  # quantize the loaded base: nf4, fp4, int8 (bitsandbytes) or torchao-nf4 (lorakit.quantize)
     gradient_checkpointing: bool = False  # recompute each block's activations in backward (transformers, non-reentrant)
     full_logits: bool = False  # keep the whole logits for backward instead of the fused loss (training/loss.py)
     trust_remote_code: bool = False
