@@ -176,3 +176,26 @@ def smollm2_smoke_loss(out, **settings) -> float:
     from lorakit.training import TrainConfig, train
 
     return train(TrainConfig(out=str(out), quiet=True, **(SMOLLM2_SMOKE | settings)))["final_eval_loss"]
+
+
+def assert_derived_from(layer, weight, atol: float = 1e-4) -> None:
+    """The frozen tensors `layer`'s data-dependent init takes from a weight (out × in) are those of `weight`,
+    computed here independently in float64 (to `atol` (lorakit factors in float32) times the largest |W_ij|, at least 1): OLoRA's (A0, B0) = (R[:r], Q[:, :r]) of W = QR, LoRA-XS's U_r Σ_r V_rᵀ
+    (top-r SVD), LoRA-Mini `qr`'s bases span(W[:, :b]) and span(Wᵀ[:, :a]) (compared as projectors)."""
+    w, r = weight.detach().double(), layer.r
+    atol = atol * max(1.0, float(w.abs().max()))  # relative to the weight's size (trained links can be large)
+    close = lambda actual, expected: torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=0)  # noqa: E731
+    if layer.method == "olora":
+        q, upper = torch.linalg.qr(w)
+        close(layer.B0, q[:, :r])
+        close(layer.A0, upper[:r])
+    elif layer.method == "loraxs":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        close(layer.U @ layer.SVt, (u[:, :r] * s[:r]) @ vh[:r])
+    elif layer.method == "mini" and layer.config.mini_outer == "qr":
+        q_b = torch.linalg.qr(w[:, : layer.config.mini_b]).Q
+        q_a = torch.linalg.qr(w.T[:, : layer.config.mini_a]).Q
+        close(layer.B_out @ layer.B_out.T, q_b @ q_b.T)
+        close(layer.A_out.T @ layer.A_out, q_a @ q_a.T)
+    else:
+        raise AssertionError(f"{layer.method} derives nothing from the weight")

@@ -60,6 +60,9 @@ class AdapterLayer(nn.Module):
     # why AdapterConfig.init does not apply (the warning's reason), or None where the method reads it
     init_ignored: ClassVar[str | None] = None
     recomputed_part: ClassVar[str] = "the update"  # what `recomputed_factors` gives, in words
+    # whether `rederive` reads the frozen links (OLoRA, LoRA-XS): then a file alone cannot rebuild a later link's
+    # frozen factors, and the procedure that owns the links keeps their sketch (`lorakit.procedures.cola`)
+    derives_from_links: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -217,6 +220,20 @@ class AdapterLayer(nn.Module):
         """The base weight in nn.Linear layout (out x in): a view of a dense weight, a temporary dequantized copy of
         a quantized one."""
         return self.frozen.dense_weight()
+
+    def init_weight_linear(self) -> torch.Tensor:
+        """The weight a data-dependent init reads (OLoRA's QR, LoRA-XS's SVD), nn.Linear layout: the base weight plus
+        the frozen links, i.e. the merged W + ΣΔW from which Chain of LoRA and XGBLoRA start each new link (computed,
+        never written into the base)."""
+        weight = self.base_weight_linear()
+        if self.frozen_links is None:
+            return weight
+        a, b = self.frozen_links
+        return weight.to(self.factor_dtype) + b @ a
+
+    def rederive(self) -> None:
+        """Recompute the frozen tensors a method derives from `init_weight_linear()` and does not store (OLoRA's
+        A0, B0, LoRA-XS's SVD), keeping the trained ones; a procedure calls it when `frozen_links` change."""
 
     def delta_weight(self) -> torch.Tensor:
         """s * ΔW in the layout and dtype of the base weight (computed in the factors' precision)."""

@@ -131,7 +131,11 @@ def save_adapter(model: nn.Module, directory, *, name: str | None = None, layers
         if layer.file_fields():
             modules[name]["fields"] = layer.file_fields()
         recomputed = layer.recomputed_factors()
-        if recomputed is not None:  # checked when the factors are rebuilt on load (`lorakit.fingerprint`)
+        if recomputed is not None and layer.frozen_links is not None and layer.derives_from_links:
+            # derived from W + a procedure's links, which this file lacks: the procedure's checkpoint state keeps
+            # the sketch and checks it when it restores the links (`lorakit.procedures.cola.restore_links`)
+            modules[name]["derived_from_links"] = True
+        elif recomputed is not None:  # checked when the factors are rebuilt on load (`lorakit.fingerprint`)
             modules[name]["update_sketch"] = sketch_to_json(update_sketch(*recomputed, layer.scale))
     shared, shared_info = shared_parameters(model, adapter) if own else None, None
     if shared is not None:  # stored once, not per layer
@@ -567,7 +571,10 @@ def load_adapter(model: nn.Module, directory, *, name: str | None = None, strict
                 f", and {layer.method}'s factors rebuilt from it change {layer.recomputed_part} by up to about "
                 f"{recomputed[1]:.2%}"
             )
-        elif any(layer.recomputed_factors() is not None for layer in layers.values()):
+        elif any(
+            layer.recomputed_factors() is not None and not metadata["modules"][name].get("derived_from_links")
+            for name, layer in layers.items()
+        ):
             method = next(iter(layers.values())).method
             message += (
                 f", and {method}'s frozen factors are rebuilt from it by an amount this file (saved before lorakit "

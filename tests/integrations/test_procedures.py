@@ -106,6 +106,30 @@ def test_procedure_trains_saves_and_resumes_exactly(name, tmp_path):
     assert torch.equal(logits(whole), logits(resumed))  # finished links restored too (measured 0)  # finished links restored too
 
 
+@pytest.mark.parametrize(
+    "variant, text, overrides",
+    [("olora", "cola:links=3", {}), ("loraxs", "xgblora:rounds=3,layers=2,lam=0.01", dict(r=2))],
+    ids=["cola-olora", "xgblora-loraxs"],
+)
+def test_a_resumed_trainer_rederives_a_later_links_init(variant, text, overrides, tmp_path):
+    """The Trainer's resume path (RESUME_FILE, then the procedure's links): a link after the first was initialised on
+    W + ΣΔW (OLoRA's QR, LoRA-XS's SVD), and the resumed run rederives it, bit for bit."""
+    settings = dict(max_steps=6, save_steps=2, **({"max_grad_norm": 0.0} if text.startswith("xgblora") else {}))
+
+    def run(out, resume=None):
+        model = adapted(variant, **overrides)
+        train(model, out, resume=resume, callbacks=[ProcedureCallback(text)], **settings)
+        return model
+
+    whole = run(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    for later in ("checkpoint-4", "checkpoint-6"):
+        shutil.rmtree(tmp_path / "cut" / later)
+    resumed = run(tmp_path / "cut", resume=True)
+    assert max_diff(trained(whole), trained(resumed)) == 0  # measured 0
+    assert torch.equal(logits(whole), logits(resumed))
+
+
 def test_flat_noise_exists_only_inside_a_step(tmp_path):
     model = adapted("lora")
     seen = []

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import fresh_copy, make_config, model_output, perturb_adapters, tiny_llama
+from conftest import assert_derived_from, fresh_copy, make_config, model_output, perturb_adapters, tiny_llama
 
 import lorakit
 from lorakit.models import load_model
@@ -148,6 +148,58 @@ def test_the_logged_rate_is_the_rate_each_step_applies(schedule, tiny_model_dir,
     assert logged == pytest.approx([1e-2 * f for f in factors], rel=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["olora", "loraxs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_new_link_starts_from_the_merged_weight(variant, dtype, inputs, tmp_path):
+    """Merge, then start a fresh adapter (paper, Algorithm 1): a new link's data-dependent init reads W + ΣΔW, not
+    W, and W is not written; a resumed run derives the same from the checkpoint, and the saved adapter (a plain LoRA
+    of rank Σ r_j) computes the trained model on the original base."""
+    base = tiny_llama().to(dtype)
+    model = lorakit.adapt(fresh_copy(base), make_config(variant))
+    optimizer = torch.optim.AdamW(lorakit.inject.trainable_parameters(model), lr=1e-3)
+    cola = ChainOfLora({"links": 3})
+    for step in range(6):
+        perturb_adapters(model, seed=step, scale=0.3)  # each link trains
+        cola.after_optimizer_step(TrainingState(model, optimizer, None, step, 6, 0))  # knots after steps 2, 4
+        if step in (1, 3):
+            for _, layer in lorakit.adapter_layers(model):
+                a, b = layer.frozen_links
+                weight = layer.base_weight_linear().float()
+                assert_derived_from(layer, weight + b @ a)
+                with pytest.raises(AssertionError):
+                    assert_derived_from(layer, weight)  # the links moved W enough to tell
+    assert all(torch.equal(layer.base_weight_linear(), fresh_copy(base).get_submodule(layer.name).weight)
+               for _, layer in lorakit.adapter_layers(model))
+    trained = model_output(model, inputs)
+    # resumed: the adapter's stored tensors, then the procedure's state and links (the training loop's order)
+    resumed_model = lorakit.adapt(fresh_copy(base), make_config(variant))
+    for _, layer in lorakit.adapter_layers(resumed_model):
+        layer.load_tensors(model.get_submodule(layer.name).stored_tensors())
+    resumed = ChainOfLora({"links": 3})
+    resumed.load_state_dict(cola.state_dict(), cola.state_tensors(model), resumed_model)
+    assert torch.equal(model_output(resumed_model, inputs), trained)
+    # the checkpoint's way: the live link's adapter file (strict load onto the original base; it keeps no sketch of
+    # factors it cannot rebuild), then the procedure's links and their sketch
+    lorakit.save_adapter(model, tmp_path / "checkpoint")
+    modules = json.loads((tmp_path / "checkpoint" / "adapter.json").read_text())["modules"]
+    assert all(info.get("derived_from_links") and "update_sketch" not in info for info in modules.values())
+    from_file = lorakit.load_adapter(fresh_copy(base), tmp_path / "checkpoint")
+    ChainOfLora({"links": 3}).load_state_dict(cola.state_dict(), cola.state_tensors(model), from_file)
+    assert torch.equal(model_output(from_file, inputs), trained)
+    # another base (here: a tampered sketch stands for one whose factors rotate) is refused, in one line
+    tampered = {k: v * 2 if k.endswith("update_sketch") else v for k, v in cola.state_tensors(model).items()}
+    with pytest.raises(lorakit.BaseModelMismatchError, match="resume on the base the run was trained on"):
+        ChainOfLora({"links": 3}).load_state_dict(cola.state_dict(), tampered, lorakit.adapt(fresh_copy(base),
+                                                                                         make_config(variant)))
+    # the final adapter: one plain LoRA of rank Σ r_j on the original base, the trained model up to float rounding
+    lorakit.save_adapter(resumed_model, tmp_path / "adapter", layers=resumed.layers_to_save(resumed_model))
+    assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["method"] == "lora"
+    loaded = lorakit.load_adapter(fresh_copy(base), tmp_path / "adapter")
+    difference = (model_output(loaded, inputs).float() - trained.float()).abs().max().item()
+    print(f"{variant} {dtype}: saved final adapter vs trained model, max |logit difference| {difference:.2e}")
+    assert difference <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("outer", ["orthonormal", "normal", "qr"])
 def test_lora_mini_chain_is_saved_compact(outer, inputs, tmp_path):
     """Links share the outer matrices, so the chain is one LoRA-Mini of inner rank Σ r_j: a small file that
@@ -161,6 +213,10 @@ def test_lora_mini_chain_is_saved_compact(outer, inputs, tmp_path):
         perturb_adapters(model, seed=step, scale=0.05)
         cola.after_optimizer_step(TrainingState(model, optimizer, None, step, 6, 0))
     perturb_adapters(model, seed=7, scale=0.05)  # the last link trained too
+    if outer == "qr":  # the shared bases of W also span those of W + ΣΔW: the paper's fresh link on the merged W
+        for _, layer in lorakit.adapter_layers(model):
+            a, b = layer.frozen_links
+            assert_derived_from(layer, layer.base_weight_linear() + b @ a)
     trained = model_output(model, inputs)
     # a resumed procedure (state and tensors from the checkpoint) saves the same adapter
     resumed = ChainOfLora({"links": 3})

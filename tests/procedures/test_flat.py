@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import fresh_copy, make_config, model_output, perturb_adapters, tiny_llama
+from conftest import VARIANTS, fresh_copy, make_config, model_output, perturb_adapters, tiny_llama
+from torch.profiler import ProfilerActivity, profile
 
 import lorakit
 from lorakit.procedures import PROCEDURES, parse_procedure
@@ -67,19 +68,72 @@ def test_a_step_leaves_base_weights_bit_identical_and_the_noise_acts(variant, dt
             assert torch.equal(value, original[key]), key
 
 
-def test_noise_std_per_row_follows_the_merged_weight_norm():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noise_std_per_row_follows_the_merged_weight_norm(dtype):
     """σ_i = f(t)·ρ·‖W'_i‖/√in with W' = W + sΔW, checked on a wide layer where the sample std is precise."""
-    base = tiny_llama(hidden_size=64, intermediate_size=4096, num_attention_heads=4, num_key_value_heads=4)
+    base = tiny_llama(hidden_size=64, intermediate_size=4096, num_attention_heads=4, num_key_value_heads=4).to(dtype)
     model = lorakit.adapt(base, lorakit.AdapterConfig(method="lora", r=4, targets=["down_proj"]))
     perturb_adapters(model, scale=0.3)
     name, layer = next(iter(lorakit.adapter_layers(model)))
     step, total, rho = 6, 10, 0.2
     noise = FlatLora({"rho": rho}).draw(layer, name, noise_scale(step, total) * rho, state(model, step, total))
-    merged = layer.base_layer.weight + layer.delta_weight()
+    assert noise.dtype == dtype
+    merged = layer.base_layer.weight.float() + layer.delta_weight().float()
     expected = noise_scale(step, total) * rho * merged.norm(dim=1) / math.sqrt(layer.in_features)
-    torch.testing.assert_close(noise.std(dim=1), expected, rtol=0.05, atol=0)
+    torch.testing.assert_close(noise.float().std(dim=1), expected, rtol=0.05, atol=0)
+    # centred: each row's sample mean within 5 standard errors (σ_i / √in) of 0
+    assert (noise.float().mean(dim=1).abs() / expected).max() <= 5 / math.sqrt(layer.in_features)
     # rows of different norm get different noise: the scale is per row, not per matrix
     assert expected.max() / expected.min() > 1.2
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_sigma_is_the_papers_row_norm_of_the_merged_weight(variant):
+    """σ_i = f(t)·ρ·‖W_i + s·ΔW_i‖/√in (Flat-LoRA, arXiv:2409.14396, Eq. 7: ε_i ~ N(0, σ²‖W'_i‖²/n)), for every
+    method, against the merged weight computed here in float64 from the dense update."""
+    model = adapted(variant)
+    step, total, rho = 6, 10, 0.2
+    factor = noise_scale(step, total) * rho
+    for name, layer in lorakit.adapter_layers(model):
+        sigma = FlatLora({"rho": rho}).noise(layer, name, factor, state(model, step, total)).sigma
+        merged = layer.base_weight_linear().double() + layer.delta_linear().detach().double()
+        expected = factor * torch.linalg.vector_norm(merged, dim=1, keepdim=True) / math.sqrt(layer.in_features)
+        torch.testing.assert_close(sigma.double(), expected, rtol=1e-6, atol=0)
+
+
+def peak_bytes(fn) -> int:
+    """The highest total of bytes that `fn` holds allocated at once on the CPU (torch's profiler, in event order),
+    its result included."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    total = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        total += event.self_cpu_memory_usage
+        peak = max(peak, total)
+    del result
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_perturbed_weight_costs_one_weight_sized_buffer(dtype):
+    """W + ε: one buffer the size of W, drawn in W's dtype and filled in place; σ's row norms: no tensor near W's
+    size (blocks of rows). Measured here: W + ε 1x W's bytes, σ 1/8 (fp32) and 1/4 (bf16). The previous code drew ε in
+    float32 and cast it (bf16: 3x W at peak) and formed the dense W + sΔW for σ (2x W in fp32, 6x in bf16)."""
+    base = tiny_llama(hidden_size=64, intermediate_size=4096, num_attention_heads=4, num_key_value_heads=4).to(dtype)
+    model = lorakit.adapt(base, lorakit.AdapterConfig(method="lora", r=4, targets=["down_proj"]))
+    perturb_adapters(model, scale=0.3)
+    name, layer = next(iter(lorakit.adapter_layers(model)))
+    weight = layer.base_weight_linear()
+    flat = FlatLora({"rho": 0.1})
+    noise = flat.noise(layer, name, 0.05, state(model, 5))  # warm-up (lazy allocations of the first call)
+    noise.perturbed(weight)
+    sigma_peak = peak_bytes(lambda: flat.noise(layer, name, 0.05, state(model, 5)))
+    perturbed_peak = peak_bytes(lambda: noise.perturbed(weight))
+    print(f"{dtype}: W {weight.nbytes} B, sigma peak {sigma_peak} B, W + eps peak {perturbed_peak} B")
+    assert sigma_peak <= weight.nbytes / 3, (sigma_peak, weight.nbytes)  # a float32 block of out/8 rows at a time
+    assert weight.nbytes <= perturbed_peak <= weight.nbytes + 4096, (perturbed_peak, weight.nbytes)
+    # and the forward's W + ε is the one from the sample: bit-equal to W + ε drawn separately
+    assert torch.equal(noise.perturbed(weight), weight + noise.sample(dtype))
 
 
 def test_same_seed_and_step_same_noise_else_different():

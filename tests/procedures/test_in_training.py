@@ -87,6 +87,25 @@ def test_resume_eval_and_effect(variant, tiny_model_dir, instruction_file, tmp_p
     assert abs(evaluated["eval_loss"] - summary["final_eval_loss"]) <= 1e-4, (evaluated, summary["final_eval_loss"])
 
 
+@pytest.mark.parametrize("method", ["olora", "loraxs"])
+@pytest.mark.parametrize("procedure", ["cola:links=3", "xgblora:rounds=3,layers=2,lam=0.01"])
+def test_resume_rederives_the_init_of_a_link_on_the_merged_weight(procedure, method, tiny_model_dir, instruction_file,
+                                                                   tmp_path):
+    """OLoRA's (A0, B0) and LoRA-XS's SVD of a link after the first come from W + ΣΔW (the links so far), which the
+    checkpoint's adapter file alone cannot give: the resumed run (from the step-2 checkpoint, right after a knot /
+    round end; every block trains in every XGBLoRA round) rederives them from its links, bit for bit."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    settings = dict(procedure=procedure, method=method, steps=6, eval_every=0)
+    train(config(tiny_model_dir, instruction_file, whole, **settings))
+    shutil.copytree(whole, resumed)
+    for later in ("adapter", "summary.json", "checkpoints/step-000004", "checkpoints/step-000006"):
+        path = resumed / later
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    train(config(tiny_model_dir, instruction_file, resumed, resume=True, **settings))
+    assert max_diff(adapter_of(whole), adapter_of(resumed)) == 0  # measured: 0
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_processes_equal_one_with_double_batch(variant, tiny_model_dir, instruction_file, tmp_path):
     settings = dict(steps=4, save_every=0, **VARIANTS[variant])

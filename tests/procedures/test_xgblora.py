@@ -12,7 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import fresh_copy, make_config, model_output, perturb_adapters, tiny_bert, tiny_llama
+from conftest import (
+    assert_derived_from,
+    fresh_copy,
+    make_config,
+    model_output,
+    perturb_adapters,
+    tiny_bert,
+    tiny_llama,
+)
 from safetensors.torch import load_file
 
 import lorakit
@@ -240,6 +248,33 @@ def test_folding_keeps_the_model_and_the_base_weights(variant, dtype, inputs):
             assert torch.equal(value, original[key]), key  # the base weights were never written
     lorakit.merge(model)
     torch.testing.assert_close(model_output(model, inputs), before, atol=5 * tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["olora", "loraxs"])
+def test_a_new_booster_starts_from_the_merged_weight(variant, inputs):
+    """A fresh booster of a module that already received one is initialised on W + its folded boosters (OLoRA's
+    A0, B0 = the thin-QR factors of that sum; LoRA-XS's SVD of it), as is a resumed run's."""
+    base, model = adapted(blocks=2, variant=variant)
+    xgb = XGBLora({"rounds": 4, "layers": 2})  # both blocks in every round
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    moment = TrainingState(model, opt, None, 0, 4, 0)
+    xgb.on_train_begin(moment)
+    for step in range(2):
+        perturb_adapters(model, seed=step, scale=0.3)  # the round's booster trained
+        moment.step = step
+        xgb.after_optimizer_step(moment)  # round `step` ends
+        for _, layer in lorakit.adapter_layers(model):
+            a, b = layer.frozen_links
+            assert_derived_from(layer, layer.base_weight_linear() + b @ a)
+            with pytest.raises(AssertionError):
+                assert_derived_from(layer, layer.base_weight_linear())
+    perturb_adapters(model, seed=5, scale=0.3)
+    trained = model_output(model, inputs)
+    resumed_model = lorakit.adapt(fresh_copy(base), make_config(variant))
+    for _, layer in lorakit.adapter_layers(resumed_model):
+        layer.load_tensors(model.get_submodule(layer.name).stored_tensors())
+    XGBLora({"rounds": 4, "layers": 2}).load_state_dict(xgb.state_dict(), xgb.state_tensors(model), resumed_model)
+    torch.testing.assert_close(model_output(resumed_model, inputs), trained, atol=1e-6, rtol=0)
 
 
 def test_shrinkage_folds_a_fraction_of_the_booster():

@@ -21,7 +21,8 @@ layer is built (adapt, load), so an adapter must be loaded onto its exact origin
 module, the row of each u_i's largest entry ("sign_anchors"); a load sets each pair's sign by u_i[anchor_i] > 0, so
 that a base rounded to another dtype, where two entries of nearly equal magnitude can swap places and the canonical
 rule would flip a pair, keeps the trained signs (fp32 -> bf16 on a tiny Llama: the update moved by 165% without,
-0.6% with). The rebuilt update is checked against a sketch the file keeps (`lorakit.fingerprint`). The forward is LoRA's
+0.6% with). The rebuilt update is checked against a sketch the file keeps (`lorakit.fingerprint`; under Chain of
+LoRA and XGBLoRA, whose later links take the SVD of W + ΣΔW, the procedure keeps it beside its links). The forward is LoRA's
 fused path with (A, B) = (Σ_r V_rᵀ, U_r R); merge and PEFT export (a rank-r LoRA) use the same factors.
 
 The SVD (`top_singular`), computed from W in float32 (half precision upcast; float64 for a float64 W). The
@@ -75,6 +76,7 @@ class LoraXSLayer(AdapterLayer):
     init_ignored = "its frozen factors come from the frozen weight's SVD, and R starts as the r_init option says"
     trainable = ("R",)
     stored = ("R",)
+    derives_from_links = True
     options = {
         "r_init": Option("zeros", str, "init of the trained r x r matrix R: zeros or normal (std 1e-5)", R_INITS),
     }
@@ -93,7 +95,11 @@ class LoraXSLayer(AdapterLayer):
 
     def build(self) -> None:
         self.R = self.new_parameter(torch.zeros(self.r, self.r))
-        u, s, v = top_singular(self.base_weight_linear(), self.r)
+        self.rederive()
+
+    def rederive(self) -> None:
+        """U_r, σ_r and Σ_r V_rᵀ of the weight (W, or W + ΣΔW under Chain of LoRA / XGBLoRA)."""
+        u, s, v = top_singular(self.init_weight_linear(), self.r)
         for name, tensor in (("U", u), ("S", s), ("SVt", s[:, None] * v.T)):  # U_r, σ_r, A = Σ_r V_rᵀ
             weight = self.base_layer.weight
             self.register_buffer(name, tensor.to(weight.device, self.factor_dtype).contiguous(), persistent=False)

@@ -24,7 +24,9 @@ Files store A and B only (LoRA's size): A0, B0 are non-persistent buffers recomp
 the layer is built (adapt, load), as LoRA-XS recomputes its SVD, so an adapter belongs on its original base. A file
 keeps a sketch of s·B0·A0, and a load onto the base in another dtype checks the recomputed factors against it
 (`lorakit.fingerprint`; fp32 -> bf16 on a tiny Llama: 0.3%). Files of earlier versions, which hold A0 and B0, are
-still read, with A0 and B0 as saved.
+still read, with A0 and B0 as saved. Under Chain of LoRA and XGBLoRA a later link factors the merged W + ΣΔW
+(`rederive`, `AdapterLayer.init_weight_linear`); a checkpoint's file cannot rebuild that alone, so the procedure
+keeps the sketch beside its links and checks it when it restores them on resume (`lorakit.procedures.cola`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class OLoraLayer(AdapterLayer):
     trainable = ("A", "B")
     stored = ("A", "B")
     recomputed_part = "s·B0·A0"
+    derives_from_links = True
 
     @classmethod
     def check_layer(cls, config, name, in_features, out_features):
@@ -71,7 +74,12 @@ class OLoraLayer(AdapterLayer):
     def build(self) -> None:
         self.A = self.new_parameter(torch.zeros(self.r, self.in_features))
         self.B = self.new_parameter(torch.zeros(self.out_features, self.r))
-        a0, b0 = olora_factors(self.base_weight_linear().detach(), self.r)
+        self.rederive()
+
+    @torch.no_grad()
+    def rederive(self) -> None:
+        """(A0, B0) of the weight: W, or W + ΣΔW under Chain of LoRA / XGBLoRA (`init_weight_linear`)."""
+        a0, b0 = olora_factors(self.init_weight_linear().detach(), self.r)
         device = self.base_layer.weight.device
         for name, tensor in (("A0", a0), ("B0", b0)):
             self.register_buffer(name, tensor.to(device, self.factor_dtype).contiguous(), persistent=False)

@@ -6,7 +6,9 @@ then "extend the chain"):
 
 1. the finished link's update s·B_j·A_j is folded into the model;
 2. a fresh adapter of the same method and rank starts (its own init, drawn with seed + j: B = 0, so the model's
-   output does not jump);
+   output does not jump) on the merged model: a data-dependent init reads W + ΣΔW, the base plus the folded links
+   (`AdapterLayer.init_weight_linear`: OLoRA's QR, LoRA-XS's SVD), as "merge, then start a fresh adapter" does in
+   the paper, without writing W;
 3. the optimizer state is reset, including Adam's step count (the paper re-initialises the optimisation for each
    link).
 
@@ -31,7 +33,10 @@ LoRA-Mini stays compact: every link of a module shares the frozen outer matrices
 the base weight, not from the link's seed), so the chain is Σ_j s·B_out B_in,j A_in,j A_out = B_out [s·B_in,1 …]
 [A_in,1; …] A_out, one LoRA-Mini of inner rank Σ r_j (alpha = rank: scale 1). The file holds those inner
 matrices, Σ r_j·(a + b) floats per module, not dense rank-Σ r_j factors; the finished links' inner matrices are
-kept beside their dense form (`inner_links`, in the checkpoint too).
+kept beside their dense form (`inner_links`, in the checkpoint too). With `mini_outer=qr` this is also the paper's
+W + ΣΔW: every link's ΔW = B_out (…) A_out lies in span(B_out) × span(A_out), the spans of W's first b columns and
+first a rows, so W + ΣΔW's first b columns and a rows span the same subspaces (for a generic W); only the basis
+inside them, in which A_in is drawn, stays W's.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ import dataclasses
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import BaseModelMismatchError, ConfigError
+from ..fingerprint import RECOMPUTE_TOLERANCE, sketch_change, update_sketch
 from ..inject import adapter_layers, shared_parameters
 from ..options import Option
 from . import register_procedure
@@ -52,6 +58,50 @@ def chained_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
     # copies: export_factors may return views of the trained parameters, which the next link re-initialises
     a, b = (t.detach().to(layer.factor_dtype, copy=True) for t in layer.export_factors())
     return with_links(layer, a, b * layer.scale)
+
+
+def restart(layer, offset: int) -> None:
+    """Start a fresh link on `layer`: its frozen derived tensors recomputed from W + ΣΔW (the links just folded),
+    then the method's own init drawn with seed + offset."""
+    layer.rederive()
+    original = layer.config
+    layer.config = dataclasses.replace(original, seed=original.seed + offset)  # a fresh draw per link
+    try:
+        layer.initialize()
+    finally:
+        layer.config = original
+
+
+def link_tensors(name: str, layer) -> dict[str, torch.Tensor]:
+    """The layer's frozen links (A, B) for a checkpoint, with the sketch of the update of the frozen factors derived
+    from W + ΣΔW (OLoRA, LoRA-XS: the adapter file alone cannot rebuild them, so it holds no sketch of them)."""
+    if layer.frozen_links is None:
+        return {}
+    tensors = {f"{name}.A": layer.frozen_links[0], f"{name}.B": layer.frozen_links[1]}
+    recomputed = layer.recomputed_factors()
+    if layer.derives_from_links and recomputed is not None:
+        tensors[f"{name}.update_sketch"] = update_sketch(*recomputed, layer.scale)
+    return tensors
+
+
+def restore_links(name: str, layer, tensors: dict[str, torch.Tensor]) -> None:
+    """Set the layer's frozen links from a checkpoint's tensors (`link_tensors`) and rederive the frozen factors of
+    its live link from W + ΣΔW, checked against the saved sketch (refused past `RECOMPUTE_TOLERANCE`: another base,
+    or one in another dtype, whose factors rotate)."""
+    device = layer.base_layer.weight.device
+    layer.frozen_links = tuple(
+        tensors[f"{name}.{key}"].to(device=device, dtype=layer.factor_dtype) for key in ("A", "B")
+    )
+    layer.rederive()
+    saved = tensors.get(f"{name}.update_sketch")
+    if saved is not None and layer.recomputed_factors() is not None:
+        change = sketch_change(saved.double().cpu(), update_sketch(*layer.recomputed_factors(), layer.scale))
+        if change > RECOMPUTE_TOLERANCE:
+            raise BaseModelMismatchError(
+                f"{layer.method} rebuilds the live link's frozen factors from the base plus the finished links, and "
+                f"on this base they change {layer.recomputed_part} of {name} by about {change:.0%}; resume on the "
+                "base the run was trained on"
+            )
 
 
 def with_links(layer, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,12 +162,7 @@ class ChainOfLora(Procedure):
             layer.frozen_links = chained_factors(layer)
             if layer.method == "mini":
                 self.inner_links[name] = self.chained_inner(name, layer)
-            original = layer.config
-            layer.config = dataclasses.replace(original, seed=original.seed + self.link)  # a fresh draw per link
-            try:
-                layer.initialize()
-            finally:
-                layer.config = original
+            restart(layer, self.link)
         state.optimizer.state.clear()  # Adam's moments and step count start again
         if self.settings["schedule"] == "rewarm":
             self.rewarm(state, done)
@@ -143,8 +188,7 @@ class ChainOfLora(Procedure):
     def state_tensors(self, model) -> dict:
         tensors = {}
         for name, layer in adapter_layers(model):
-            if layer.frozen_links is not None:
-                tensors[f"{name}.A"], tensors[f"{name}.B"] = layer.frozen_links
+            tensors.update(link_tensors(name, layer))
             if name in self.inner_links:
                 tensors[f"{name}.A_in"], tensors[f"{name}.B_in"] = self.inner_links[name]
         return tensors
@@ -154,9 +198,7 @@ class ChainOfLora(Procedure):
         for name, layer in adapter_layers(model):
             device = layer.base_layer.weight.device
             if f"{name}.A" in tensors:
-                layer.frozen_links = tuple(
-                    tensors[f"{name}.{key}"].to(device=device, dtype=layer.factor_dtype) for key in ("A", "B")
-                )
+                restore_links(name, layer, tensors)  # the live link was derived from W + ΣΔW
             if f"{name}.A_in" in tensors:
                 self.inner_links[name] = tuple(
                     tensors[f"{name}.{key}"].to(device=device, dtype=layer.factor_dtype) for key in ("A_in", "B_in")

@@ -13,11 +13,18 @@ Where lorakit differs from the authors' code, on purpose:
 - The noise never touches the stored weight: the layer computes F.linear(x, W + ε, b) with a temporary W + ε
   (`AdapterLayer.weight_noise`), so after every step the base weights are bit-identical to before. The authors
   add ε in place and subtract it again, which is not exact in floating point (fl(W + ε) − ε ≠ W). ε itself is
-  never kept: `before_step` fixes each layer's σ (a vector) and the layer draws ε inside its forward, directly
-  into the buffer that becomes W + ε. Cost: one temporary W + ε per adapted layer, kept for the backward pass,
-  i.e. one extra copy of the adapted weights in memory during a step (`benchmarks/bench_procedures.py`).
-- ε comes from a generator seeded by (seed, step, module), not the clock: a resumed run draws the same noise, every
-  process of a DDP run draws the same ε, and all micro-batches of one gradient-accumulation step share it.
+  never kept: `before_step` fixes each layer's σ (a vector) and the layer draws ε inside its forward, on the
+  weight's device and in its dtype, directly into the buffer that becomes W + ε (z ~ N(0, 1) drawn there, then
+  scaled by σ_i and W added, both in place: ε = σ_i·z rounded to W's dtype, as W + ε is anyway). Cost: one
+  temporary W + ε per adapted layer, kept for the backward pass, i.e. one extra copy of the adapted weights in
+  memory during a step, and no other full-size tensor (`tests/procedures/test_flat.py` counts the bytes;
+  `benchmarks/bench_procedures.py` times it). σ's row norms ‖W'_i‖ are taken a block of rows at a time (W'
+  formed per block from the low-rank factors; MoRA and MELoRA, whose update is not a product of two factors, form
+  their dense s·ΔW once).
+- ε comes from a generator on the weight's device seeded by (seed, step, module), not the clock: a resumed run
+  draws the same noise, every process of a DDP run draws the same ε, and all micro-batches of one
+  gradient-accumulation step share it (the same device kind and model: CPU and CUDA, or two GPU models, draw
+  different, equally distributed, ε from one seed).
 - Eval and save always see the unperturbed model: the noise exists only between `before_step` and
   `after_backward`.
 
@@ -33,14 +40,35 @@ from dataclasses import dataclass
 import torch
 
 from ..inject import adapter_layers
+from ..layer import AdapterLayer
 from ..options import Option
 from . import register_procedure
 from .base import Procedure, TrainingState
 
+ROW_BLOCKS = 8  # σ's row norms are taken over blocks of out / 8 rows: one temporary of 1/8 of W's elements at a time
 
-def noise_generator(seed: int, step: int, module: str) -> torch.Generator:
+
+def noise_generator(seed: int, step: int, module: str, device="cpu") -> torch.Generator:
     digest = hashlib.sha256(f"lorakit:flat:{seed}:{step}:{module}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def merged_row_norms(layer) -> torch.Tensor:
+    """‖W'_i‖ = ‖W_i + s·ΔW_i‖ for every output row i (out × 1, in the factors' precision). With low-rank `factors`
+    W' is formed a block of rows at a time (W_blk + s·B_blk·A), never whole; a method with its own dense
+    `delta_linear` (MoRA, MELoRA) adds W into that one dense s·ΔW."""
+    weight = layer.base_weight_linear().detach()
+    if type(layer).delta_linear is not AdapterLayer.delta_linear:
+        merged = layer.delta_linear().detach()  # a new tensor (block_diag, cat): W is added into it in place
+        return torch.linalg.vector_norm(merged.add_(weight), dim=1, keepdim=True)
+    a, b = (t.detach() for t in layer.factors())
+    b = b * layer.scale
+    rows = -(-weight.shape[0] // ROW_BLOCKS)
+    norms = [
+        torch.linalg.vector_norm(w.to(a.dtype, copy=True).addmm_(b_rows, a), dim=1, keepdim=True)
+        for w, b_rows in zip(weight.split(rows), b.split(rows))
+    ]
+    return torch.cat(norms)
 
 
 def noise_scale(step: int, total_steps: int) -> float:
@@ -59,10 +87,12 @@ class LayerNoise:
     module: str
 
     def sample(self, dtype: torch.dtype) -> torch.Tensor:
-        """ε in `dtype`: the same tensor on every call (every micro-batch, every process, a resumed run)."""
-        gen = noise_generator(self.seed, self.step, self.module)
-        noise = torch.randn(self.shape, generator=gen, dtype=torch.float32).to(self.sigma.device)
-        return noise.mul_(self.sigma).to(dtype)
+        """ε in `dtype` on σ's device, one new buffer: the same tensor on every call (every micro-batch, every
+        process, a resumed run)."""
+        device = self.sigma.device
+        noise = torch.empty(self.shape, dtype=dtype, device=device)
+        noise.normal_(generator=noise_generator(self.seed, self.step, self.module, device))
+        return noise.mul_(self.sigma)  # in place: z drawn in `dtype`, σ_i·z_ij taken in float32, rounded to `dtype`
 
     def perturbed(self, weight: torch.Tensor) -> torch.Tensor:
         """W + ε as a new tensor, W only read: bit-equal to `weight + self.sample(weight.dtype)`, one buffer."""
@@ -83,10 +113,9 @@ class FlatLora(Procedure):
     @torch.no_grad()
     def noise(self, layer, name: str, factor: float, state: TrainingState) -> LayerNoise:
         """The layer's ε for this step, drawn when the layer's forward needs it: σ_i = factor·‖W'_i‖/√in."""
-        weight = layer.base_weight_linear()
-        merged = weight.to(layer.factor_dtype) + layer.delta_linear().detach()
-        sigma = torch.linalg.vector_norm(merged, dim=1, keepdim=True) * (factor / math.sqrt(layer.in_features))
-        return LayerNoise(sigma.to(torch.float32), weight.shape, state.seed, state.step, name)
+        sigma = merged_row_norms(layer) * (factor / math.sqrt(layer.in_features))
+        shape = torch.Size((layer.out_features, layer.in_features))  # nn.Linear layout
+        return LayerNoise(sigma.to(torch.float32), shape, state.seed, state.step, name)
 
     def draw(self, layer, name: str, factor: float, state: TrainingState) -> torch.Tensor:
         """ε for one layer in nn.Linear layout and the base weight's dtype."""

@@ -11,8 +11,9 @@ iterations t = 1..T). In round t:
    loss plus the regulariser of the paper's Eq. 7, λ(‖A‖² + ‖B‖²) over the booster's factors (OLoRA:
    λ(‖A − A0‖² + ‖B − B0‖²), see below);
 3. the booster is folded into the model with the step size α_t of Eq. 8 (option `shrinkage`, default 1: the
-   whole booster), and the next round starts with fresh boosters (B = 0, so the output does not jump) and a fresh
-   optimizer state (Adam's moments and step count: every booster is a new weak learner).
+   whole booster), and the next round starts with fresh boosters (B = 0, so the output does not jump; an init that
+   reads the weight reads W plus the folded boosters, as in `lorakit.procedures.cola`) and a fresh optimizer state
+   (Adam's moments and step count: every booster is a new weak learner).
 
 Rounds and steps. The run's --steps is the paper's K (total steps); a round is κ steps, so T = K / κ. Give either
 `rounds` (T; rounds start at round(K·j/T), equal segments as in Chain of LoRA) or `round_steps` (κ; rounds start
@@ -73,7 +74,6 @@ to lr per step however small λ is.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import re
 
@@ -84,7 +84,7 @@ from ..inject import adapter_layers, shared_parameters
 from ..options import Option
 from . import register_procedure
 from .base import Procedure, TrainingState, plain_lora
-from .cola import with_links
+from .cola import link_tensors, restart, restore_links, with_links
 
 
 def round_generator(seed: int, round_index: int) -> torch.Generator:
@@ -285,12 +285,7 @@ class XGBLora(Procedure):
             if name in finished:
                 layer.frozen_links = with_links(layer, *booster_factors(layer, self.settings["shrinkage"]))
             if name in finished or name in upcoming:
-                original = layer.config
-                layer.config = dataclasses.replace(original, seed=original.seed + following)  # a fresh draw per round
-                try:
-                    layer.initialize()
-                finally:
-                    layer.config = original
+                restart(layer, following)  # a fresh draw per round, from W + the folded boosters
         state.optimizer.state.clear()  # Adam's moments and step count start again
         self.round, self.picks = following, upcoming
 
@@ -301,18 +296,14 @@ class XGBLora(Procedure):
     def state_tensors(self, model) -> dict:
         tensors = {}
         for name, layer in adapter_layers(model):
-            if layer.frozen_links is not None:
-                tensors[f"{name}.A"], tensors[f"{name}.B"] = layer.frozen_links
+            tensors.update(link_tensors(name, layer))
         return tensors
 
     def load_state_dict(self, state: dict, tensors: dict, model) -> None:
         self.round = state.get("round")
         for name, layer in adapter_layers(model):
             if f"{name}.A" in tensors:
-                device = layer.base_layer.weight.device
-                layer.frozen_links = tuple(
-                    tensors[f"{name}.{key}"].to(device=device, dtype=layer.factor_dtype) for key in ("A", "B")
-                )
+                restore_links(name, layer, tensors)  # the live booster was derived from W + the folded boosters
 
     def layers_to_save(self, model) -> dict | None:
         """Every booster each module received, one plain LoRA of the module's own rank (scale 1); modules never
