@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ sys.path.insert(0, str(HERE))
 import bench_inference  # noqa: E402
 import bench_loraxs_init  # noqa: E402
 import bench_methods  # noqa: E402
+import bench_multi_adapter  # noqa: E402
 import bench_olora_init  # noqa: E402
 import bench_procedures  # noqa: E402
 import bench_rite  # noqa: E402
@@ -46,11 +48,16 @@ def main() -> None:
         ("loraxs_init", bench_loraxs_init.run),
         ("rite", lambda: bench_rite.run(quick=False)),
         ("procedures", lambda: bench_procedures.run(repeats=7)),
+        ("multi_adapter", lambda: bench_multi_adapter.run(rounds=5)),
     ]
     for name, fn in steps:
         print(f"[bench] {name} ...", flush=True)
         results[name] = fn()
         print(f"[bench] {name}: {json.dumps(results[name])}", flush=True)
+    # scripts that measure in child processes of their own, each writing its results file (see their docstrings)
+    for script in ("bench_memory.py", "bench_base_check.py"):
+        print(f"[bench] {script} ...", flush=True)
+        subprocess.run([sys.executable, str(HERE / script)], check=True)
     results["total_s"] = time.time() - started
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(results))
@@ -83,6 +90,9 @@ def markdown(results: dict) -> str:
     if "procedures" in results:
         lines += ["", "Training procedures against plain LoRA + AdamW:", ""]
         lines.append(bench_procedures.markdown(results["procedures"]))
+    if "multi_adapter" in results:
+        lines += ["", "Several LoRA r=16 adapters on SmolLM2, a mixed batch against PEFT's adapter_names:", ""]
+        lines.append(bench_multi_adapter.markdown(results["multi_adapter"]))
     lines += [
         "",
         "Raw figures (seconds, bytes):",

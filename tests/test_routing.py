@@ -25,8 +25,15 @@ def alone(model, name, ids):
         return model(ids).logits
 
 
+@pytest.fixture(params=["dense", "gathered"])
+def product(request, monkeypatch):
+    """Both formulations of the mixed product: masked dense GEMMs (few tokens) and gathered bmm (many)."""
+    monkeypatch.setattr(lorakit.routing, "DENSE_LIMIT", 10**9 if request.param == "dense" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("variant", LLAMA_VARIANTS)
-def test_each_row_equals_that_row_run_alone(variant):
+def test_each_row_equals_that_row_run_alone(variant, product):
     """Two adapters of one method (ranks 2 and 4) and the base, interleaved: within 1e-5 of each row alone."""
     model = adapted([variant, variant])
     rows = ["default", "a1", "base", "a1", "__base__"]
@@ -37,7 +44,7 @@ def test_each_row_equals_that_row_run_alone(variant):
         torch.testing.assert_close(mixed[i : i + 1], expected, rtol=0, atol=1e-5)
 
 
-def test_methods_mixed_in_one_batch():
+def test_methods_mixed_in_one_batch(product):
     variants = ["lora", "olora", "mora", "lorta", "mini-orthonormal"]
     model = adapted(variants)
     names = ["default", "a1", "a2", "a3", "a4"]
@@ -106,7 +113,7 @@ def test_routing_is_cleared_after_each_call_and_stacks_follow_the_weights():
     torch.testing.assert_close(mixed, alone(model, "a1", IDS), rtol=0, atol=1e-5)
 
 
-def test_mini_adapters_of_one_seed_share_outer_matrices_in_the_stack():
+def test_mini_adapters_of_one_seed_share_outer_matrices_in_the_stack(product):
     model = adapted(["mini-orthonormal"] * 3, seeds=[7, 7, 7])
     host = next(host for _, host in lorakit.inject.hosts(model))
     with torch.no_grad():

@@ -5,7 +5,9 @@
 The batched formulation of Punica's BGMV (Chen et al., arXiv:2310.18547) and S-LoRA (Sheng et al.,
 arXiv:2311.03285), in plain torch: every adapter's factors of a layer are stacked once, zero-padded to the largest
 rank, with slot 0 all zeros for the rows that use the base; a row gathers its slot, and two batched products
-(`torch.bmm`) add every row's update. No Python loop over adapters or rows in the forward. PEFT's `adapter_names`
+(`torch.bmm`) add every row's update. With few tokens (decode) gathering copies the factors once per row, which
+costs more than the products: there every row goes through every slot's A in one GEMM, the result is masked to
+the row's own slot, and one GEMM with every B follows (`DENSE_LIMIT`). No Python loop over adapters or rows. PEFT's `adapter_names`
 instead runs each adapter on its sub-batch in turn.
 
 LoRA-Mini adapters that share their frozen outer matrices (same seed and `mini_outer`, so the same A_out, B_out)
@@ -34,6 +36,10 @@ from torch import nn
 
 from .errors import ConfigError
 
+# Up to this many (token, slot) pairs a layer multiplies every row by every slot's factors and masks (two plain
+# GEMMs, no gathered copies: decode); above it, each row gathers its own slot for two batched products (prefill).
+DENSE_LIMIT = 4096
+
 
 @dataclass
 class Routing:
@@ -42,6 +48,7 @@ class Routing:
     rows: tuple[str, ...]
     slots: dict = field(default_factory=dict)  # (adapter names of a layer) -> row slot index tensor, per device
     names: dict = field(default_factory=dict)  # (a layer's adapters) -> the names of this batch it has
+    masks: dict = field(default_factory=dict)  # slot masks of the dense (few-token) product
 
     def names_on(self, host) -> tuple[str, ...]:
         """The adapters of this batch that `host` has, in first-row order (checked unmerged once per forward)."""
@@ -54,6 +61,16 @@ class Routing:
                 raise ConfigError(f"adapter {merged[0]!r} is merged; call lorakit.unmerge(model) before a mixed batch")
             self.names[key] = names
         return names
+
+    def slot_mask(self, names: tuple[str, ...], rank: int, device, low_dtype) -> torch.Tensor:
+        """rows x (slots·rank): 1 where a column belongs to the row's slot (slot 0, the base, is all zeros)."""
+        key = (names, rank, str(device), low_dtype)
+        mask = self.masks.get(key)
+        if mask is None:
+            index = self.slot_index(names, device)
+            columns = torch.arange(len(names) + 1, device=device).repeat_interleave(rank)
+            mask = self.masks[key] = (index[:, None] == columns[None, :]).to(low_dtype)
+        return mask
 
     def slot_index(self, names: tuple[str, ...], device) -> torch.Tensor:
         key = (names, str(device))
@@ -118,6 +135,10 @@ class _Stacks:
             pairs = [layer.route_factors() for layer in layers]
         self.low_rank = all(pair is not None for pair in pairs)
         self.a, self.b = _stack(layers, [(a.detach(), b.detach()) for a, b in pairs]) if self.low_rank else (None, None)
+        if self.low_rank:  # the same stacks side by side: (slots·rank) x in and out x (slots·rank)
+            self.rank = self.a.shape[1]
+            self.a_flat = self.a.reshape(-1, self.a.shape[-1])
+            self.b_flat = self.b.permute(1, 0, 2).reshape(self.b.shape[1], -1)
 
 
 def _stacks(host, names: tuple[str, ...]) -> _Stacks:
@@ -147,11 +168,16 @@ def routed_forward(host, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         return _per_adapter(host, x, out, names, index)
     h = x.reshape(x.shape[0], -1, x.shape[-1]).to(stacks.a.dtype)
     if stacks.outer is not None:
-        a_out, b_out = stacks.outer
-        inner = torch.bmm(torch.bmm(h @ a_out.T, stacks.a[index].transpose(1, 2)), stacks.b[index].transpose(1, 2))
-        update = inner @ b_out.T
+        h = h @ stacks.outer[0].T  # A_out·x once for every row
+    if h.shape[0] * h.shape[1] * len(stacks.a) <= DENSE_LIMIT:
+        # few tokens (decode): every row through every slot's A in one GEMM, masked to its own slot, then one GEMM
+        # with every B; no gathered copies of the factors
+        low = (h @ stacks.a_flat.T) * routing.slot_mask(names, stacks.rank, x.device, low_dtype=h.dtype)[:, None]
+        update = low @ stacks.b_flat.T
     else:
         update = torch.bmm(torch.bmm(h, stacks.a[index].transpose(1, 2)), stacks.b[index].transpose(1, 2))
+    if stacks.outer is not None:
+        update = update @ stacks.outer[1].T
     return out + update.reshape(out.shape).to(out.dtype)
 
 
