@@ -278,10 +278,8 @@ def _row_scales(module: nn.Module) -> torch.Tensor | None:
 
 
 def frozen_base(module: nn.Module) -> FrozenBase | None:
-    """The protocol object for `module`, or None if no backend can adapt it. An adapted module
-    (`lorakit.adapted.AdaptedLayer`) gives its base's."""
-    if getattr(module, "lorakit_host", False):
-        return module.frozen
+    """The protocol object for `module`, or None if no backend can adapt it (an adapted module,
+    `lorakit.adapted.AdaptedLayer`, is not itself a base: see `lorakit.layer.base_of`)."""
     for backend in BACKENDS:
         if backend.matches(module):
             return backend(module)

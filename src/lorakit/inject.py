@@ -16,7 +16,7 @@ from .adapted import BASE_ROW_NAMES, AdaptedLayer
 from .config import AdapterConfig
 from .errors import ConfigError
 from .expert_parameters import refuse_expert_targets, warn_frozen_experts
-from .layer import AdapterLayer, SharedParameters, is_supported_layer, linear_shape
+from .layer import AdapterLayer, SharedParameters, base_of, is_supported_layer, linear_shape
 from .methods import METHODS
 from .routing import install_routing, remove_routing
 
@@ -159,10 +159,6 @@ def targetable_modules(model: nn.Module) -> dict[str, nn.Module]:
         else:
             modules[name] = module
     return modules
-
-
-def base_of(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
 def _examples(names: list[str], count: int = 6) -> str:

@@ -32,14 +32,19 @@ from .fingerprint import Fingerprint, frozen_fingerprint
 from .options import Option
 
 
+def base_of(module: nn.Module) -> nn.Module:
+    """The base layer of an adapted module (`lorakit.adapted.AdaptedLayer`), else the module itself."""
+    return module.base_layer if getattr(module, "lorakit_host", False) else module
+
+
 def is_supported_layer(module: nn.Module) -> bool:
     """Whether an adapter can wrap this module: a dense or quantized linear layer (see `lorakit.base_layers`)."""
     return frozen_base(module) is not None
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a supported layer."""
-    base = frozen_base(module)
+    """(in_features, out_features) of a supported layer, or of an adapted one's base."""
+    base = frozen_base(base_of(module))
     return base.in_features, base.out_features
 
 

@@ -61,7 +61,7 @@ from torch import nn
 from .. import random as lk_random
 from ..base_layers import frozen_base
 from ..errors import ConfigError
-from ..layer import AdapterLayer, SharedParameters, linear_shape
+from ..layer import AdapterLayer, SharedParameters, base_of, linear_shape
 from ..options import Option
 from . import register_method
 
@@ -199,7 +199,7 @@ class LortaLayer(AdapterLayer):
                     f"{expected[matrix][1]}; {TARGETS_HINT} on a Llama-family model"
                 )
         matrices = [m for m in MATRICES if any(m == seen_m for _, seen_m in seen)]
-        frozen = frozen_base(model.get_submodule(names[0]))
+        frozen = frozen_base(base_of(model.get_submodule(names[0])))
         weight_dtype, device = frozen.dtype, frozen.device
         dtype = torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
         return LortaTensor(
