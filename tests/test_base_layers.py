@@ -193,7 +193,7 @@ def test_lora_equals_peft_with_equal_factors(scheme):
     model.train()
     lorakit.adapt(model, lorakit.AdapterConfig(r=4, alpha=8))
     _perturb(model)
-    for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, lorakit.AdapterLayer)):
+    for name, layer in lorakit.adapter_layers(model):
         target = peft_model.base_model.model.get_submodule(name)
         with torch.no_grad():
             target.lora_A["default"].weight.copy_(layer.A)
