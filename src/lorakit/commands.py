@@ -208,29 +208,22 @@ def run_generate(args) -> int:
 
 
 def read_prompts(path, adapters: dict) -> list[dict]:
-    """--prompts FILE: JSONL lines {"adapter": NAME, "prompt": TEXT}; "adapter" may be left out with one adapter."""
+    """--prompts FILE: JSONL lines {"adapter": NAME, "prompt": TEXT}; "adapter" may be left out with one adapter.
+    Read as every JSONL file is (`lorakit.data.readers`: UTF-8 with or without a BOM, one object per line)."""
+    from .data.readers import _read_jsonl
+
     where = f"--prompts {path}"
-    try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such file; give a JSONL file of prompts") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: cannot be read ({exc}); give a UTF-8 JSONL file") from None
+    if not Path(path).is_file():
+        raise ConfigError(f"{where}: no such file; give a JSONL file of prompts")
     requests = []
     default = next(iter(adapters)) if len(adapters) == 1 else None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: line {number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ConfigError(f'{where}: line {number} needs a "prompt" string, e.g. {{"adapter": "a", "prompt": "..."}}')
+    for number, record in enumerate(_read_jsonl(Path(path)), start=1):
+        if not isinstance(record.get("prompt"), str):
+            raise ConfigError(f'{where}: prompt {number} needs a "prompt" string, e.g. {{"adapter": "a", "prompt": "..."}}')
         name = record.get("adapter", default)
         if name not in (*adapters, "base", "__base__"):
             known = ", ".join([*adapters, "base"])
-            raise ConfigError(f"{where}: line {number} names adapter {name!r}; use one of: {known}")
+            raise ConfigError(f"{where}: prompt {number} names adapter {name!r}; use one of: {known}")
         requests.append({"adapter": name, "prompt": record["prompt"]})
     if not requests:
         raise ConfigError(f"{where} holds no prompts; write one JSON object per line")

@@ -438,6 +438,12 @@ def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
     layers = [layer for name in _merge_targets(model, adapter) for _, layer in adapter_layers(model, name)]
     if any(layer.merged for layer in layers):
         raise ConfigError("the model is already merged; call lorakit.unmerge(model) before merging again")
+    _merge_all(layers)
+    return model
+
+
+def _merge_all(layers: list[AdapterLayer]) -> None:
+    """Merge every layer, or none: a failure unmerges the ones already merged."""
     done = []
     try:
         for layer in layers:
@@ -447,7 +453,6 @@ def merge(model: nn.Module, adapter: str | None = None) -> nn.Module:
         for layer in done:
             layer.unmerge()
         raise
-    return model
 
 
 def _merged_layers(model: nn.Module) -> list[AdapterLayer]:
@@ -520,16 +525,7 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
                     linear.weight += other.total_delta_linear().to(linear.weight.dtype)
             dense[target] = linear
     pending = [layer for target, layers in chosen.items() if target not in dense for layer in layers]
-    done = []
-    try:
-        for layer in pending:
-            if not layer.merged:
-                layer.merge()
-                done.append(layer)
-    except Exception:
-        for layer in done:
-            layer.unmerge()
-        raise
+    _merge_all([layer for layer in pending if not layer.merged])
     _remove_shared(model)
     for target, host in list(hosts(model)):
         _set_module(model, target, dense.get(target, host.base_layer))

@@ -66,10 +66,10 @@ def test_mixed_batch_equals_each_prompt_alone(tiny_model_dir, two_adapters, tmp_
     ("lines", "adapters", "message"),
     [
         (['{"adapter": "sql", "prompt": "x"}', '{"adapter": "nope", "prompt": "y"}'], ["sql"],
-         "line 2 names adapter 'nope'; use one of: sql, base"),
-        (['{"adapter": "sql"}'], ["sql"], 'line 1 needs a "prompt" string'),
+         "prompt 2 names adapter 'nope'; use one of: sql, base"),
+        (['{"adapter": "sql"}'], ["sql"], 'prompt 1 needs a "prompt" string'),
         (["not json"], ["sql"], "line 1 is not valid JSON"),
-        (['{"prompt": "x"}'], ["sql", "poem"], "line 1 names adapter None"),
+        (['{"prompt": "x"}'], ["sql", "poem"], "prompt 1 names adapter None"),
     ],
 )
 def test_bad_prompt_files_are_refused_in_one_line(tiny_model_dir, two_adapters, tmp_path, lines, adapters, message):
