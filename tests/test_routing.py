@@ -113,6 +113,42 @@ def test_routing_is_cleared_after_each_call_and_stacks_follow_the_weights():
     torch.testing.assert_close(mixed, alone(model, "a1", IDS), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("change", ["replaced", "new storage"])
+def test_stacks_follow_a_replaced_tensor(change, product):
+    model = adapted(["lora", "lora"])
+    with torch.no_grad():
+        model(IDS, adapter_names=["a1"] * 5)
+        layer = dict(lorakit.adapter_layers(model, "a1"))["model.layers.0.self_attn.q_proj"]
+        if change == "replaced":  # a new Parameter object: its version counter starts again
+            layer.B = torch.nn.Parameter(layer.B * 5, requires_grad=False)
+        else:  # `.data =` leaves the version counter as it was
+            layer.B.data = layer.B.data * 5
+        mixed = model(IDS, adapter_names=["a1", "base", "a1", "default", "a1"]).logits
+    torch.testing.assert_close(mixed[0], alone(model, "a1", IDS)[0], rtol=0, atol=1e-5)
+
+
+def test_hosts_added_and_removed_later_are_routed(product):
+    model = tiny_llama()
+    lorakit.adapt(model, make_config("lora", targets=["q_proj"]))
+    perturb_adapters(model, seed=1)
+    model.eval()
+    with torch.no_grad():
+        model(IDS, adapter_names=["default"] * 5)  # routing installed with the q_proj hosts only
+    lorakit.adapt(model, make_config("lora", targets=["v_proj", "down_proj"], seed=2), name="wide")
+    perturb_adapters(model, seed=2, adapter="wide")
+    rows = ["wide", "default", "base", "wide", "default"]
+    with torch.no_grad():
+        mixed = model(IDS, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], alone(model, name, IDS)[i], rtol=0, atol=1e-5)
+    lorakit.delete_adapter(model, "default")  # the q_proj hosts go back to plain layers
+    with pytest.raises(lorakit.ConfigError, match="'default', which is not an adapter"):
+        model(IDS, adapter_names=["default"] * 5)
+    with torch.no_grad():
+        mixed = model(IDS, adapter_names=rows[:1] + ["base"] * 4).logits
+    torch.testing.assert_close(mixed[0], alone(model, "wide", IDS)[0], rtol=0, atol=1e-5)
+
+
 def test_mini_adapters_of_one_seed_share_outer_matrices_in_the_stack(product):
     model = adapted(["mini-orthonormal"] * 3, seeds=[7, 7, 7])
     host = next(host for _, host in lorakit.inject.hosts(model))

@@ -20,6 +20,7 @@ from torch import nn
 
 from .base_layers import frozen_base
 from .layer import AdapterLayer, frozen_output
+from .routing import routed_forward
 
 BASE_ROW_NAMES = ("base", "__base__")  # a mixed batch's name for a row without an adapter (PEFT: "__base__")
 
@@ -71,8 +72,6 @@ class AdaptedLayer(nn.Module):
         if self.disabled:
             return self.base_output(x)
         if self.routing is not None:
-            from .routing import routed_forward
-
             return routed_forward(self, x, self.routing)
         out = None
         for layer in self.active_layers():  # called as modules: hooks on an adapter see (x, running sum) -> sum

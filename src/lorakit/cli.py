@@ -115,6 +115,14 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
         p.add_argument(
             "--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="adamw, or rite (LoRA-RITE, lorakit.optim)"
         )
+        p.add_argument(
+            "--frozen-adapter",
+            action="append",
+            metavar="DIR",
+            help="an adapter loaded first and kept frozen, repeatable: the new adapter trains on top of these (all "
+            "active); DIR/adapter holds the new one only, so evaluate with lorakit eval --adapter DIR ... --adapter "
+            "OUT/adapter",
+        )
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per process and micro-batch")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
@@ -188,7 +196,14 @@ def build_parser() -> Parser:
 
     p = command("eval", "evaluate an adapter: loss, perplexity, and exact match for instruction data")
     _add_model(p, adapter=True)
-    p.add_argument("--adapter", default=None, help="adapter directory (omit to evaluate the base model)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="adapter directory (omit to evaluate the base model); repeat to evaluate several active together, "
+        "their updates added (an adapter trained with --frozen-adapter: give those first)",
+    )
     p.add_argument("--data", required=True, help="evaluation data (file, hub dataset or stdlib-docstrings)")
     p.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per example")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="examples per forward pass")

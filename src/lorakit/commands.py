@@ -28,6 +28,9 @@ def run_train(args) -> int:
             f"done: {summary['steps']} steps, final {kind} loss {loss:.4f}, {summary['trainable_parameters']:,} "
             f"trainable parameters, adapter {summary['adapter_bytes']:,} bytes -> {Path(args.out) / 'adapter'}"
         )
+        if summary["frozen_adapters"]:
+            stack = " ".join(f"--adapter {path}" for path in [*args.frozen_adapter, str(Path(args.out) / "adapter")])
+            print(f"it trained on top of the frozen adapters: evaluate the stack with lorakit eval {stack}")
     return 0
 
 
@@ -42,7 +45,7 @@ def _load_adapted(args, labels=None):
     from .models import load_model
     from .persist import load_adapter, read_adapter
 
-    adapters = adapter_arguments(args.adapter)
+    adapters = _adapters_of(args)
     labels = labels or _classifier_labels(args)
     metadata = {name: read_adapter(path)[0] for name, path in adapters.items()}  # validated before the slow load
     schemes = {adapter_quantization(meta) for meta in metadata.values()}
@@ -69,11 +72,36 @@ def _load_adapted(args, labels=None):
                   file=sys.stderr)
         for name, path in adapters.items():
             model = load_adapter(model, path, name=name, strict=getattr(args, "strict", True))
+        if getattr(args, "command", None) == "eval" and len(adapters) > 1:  # a stack: their updates add up
+            from .inject import set_active
+
+            set_active(model, list(adapters))
     import torch
 
     if torch.cuda.is_available():  # eval / generate on the GPU when there is one
         model = model.to("cuda")
     return model, tokenizer
+
+
+def _adapters_of(args) -> dict[str, str]:
+    """generate: NAME=DIR adapters, one per prompt; eval: DIR adapters evaluated together."""
+    if getattr(args, "command", None) == "eval":
+        return stacked_adapter_arguments(args.adapter)
+    return adapter_arguments(args.adapter)
+
+
+def stacked_adapter_arguments(values) -> dict[str, str]:
+    """eval's --adapter values: [DIR] -> {"default": DIR}; DIR DIR ... -> {"adapter_1": DIR, ...}, all active
+    together (an adapter trained with --frozen-adapter and those under it)."""
+    if not values:
+        return {}
+    if isinstance(values, str):
+        values = [values]
+    if len(values) == 1:
+        return {"default": values[0]}
+    if len({Path(value).resolve() for value in values}) < len(values):
+        raise ConfigError("--adapter gives the same directory twice; give each adapter once")
+    return {f"adapter_{i}": value for i, value in enumerate(values, start=1)}
 
 
 def adapter_arguments(values) -> dict[str, str]:
@@ -156,7 +184,7 @@ def _classifier_labels(args) -> list[str] | None:
     classifier among them."""
     from .training.classification import read_labels
 
-    for path in adapter_arguments(args.adapter).values():
+    for path in _adapters_of(args).values():
         labels = read_labels(path)
         if labels:
             return labels

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .expert_parameters import refuse_expert_targets, warn_frozen_experts
 from .layer import AdapterLayer, SharedParameters, base_of, is_supported_layer, linear_shape
 from .methods import METHODS
-from .routing import install_routing, remove_routing
+from .routing import install_routing, refresh_routing, remove_routing
 
 SHARED = "lorakit_shared"  # the attribute of the model that owns a method's shared tensors (LoRTA)
 SHARED_ROW = "(shared by all layers)"  # the summary row of those tensors
@@ -339,6 +339,7 @@ def _set_state(model: nn.Module, active, trained) -> None:
     for adapter in adapter_names(model):
         for param in adapter_parameters(model, adapter):
             param.requires_grad_(adapter in trained)
+    refresh_routing(model)
 
 
 def set_active(model: nn.Module, adapters: str | list[str] | None, *, train: str | list[str] | None = ...) -> nn.Module:

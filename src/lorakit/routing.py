@@ -6,9 +6,12 @@ The batched formulation of Punica's BGMV (Chen et al., arXiv:2310.18547) and S-L
 arXiv:2311.03285), in plain torch: every adapter's factors of a layer are stacked once, zero-padded to the largest
 rank, with slot 0 all zeros for the rows that use the base; a row gathers its slot, and two batched products
 (`torch.bmm`) add every row's update. With few tokens (decode) gathering copies the factors once per row, which
-costs more than the products: there every row goes through every slot's A in one GEMM, the result is masked to
-the row's own slot, and one GEMM with every B follows (`DENSE_LIMIT`). No Python loop over adapters or rows. PEFT's `adapter_names`
-instead runs each adapter on its sub-batch in turn.
+costs more than the products: there every token goes through every adapter's A in one GEMM, the result is masked
+to its row's adapter, and one `addmm` with every B adds into the base output (`DENSE_LIMIT`). No Python loop over
+adapters or rows. PEFT's `adapter_names` instead runs each adapter on its sub-batch in turn. At decode a layer
+costs reading every adapter's factors plus a fixed cost per operation, so the per-layer Python is kept short: the
+model lists its hosts once (`refresh_routing`, when adapters are added or deleted) instead of scanning its modules
+on every forward, and a cached stack is checked against its tensors with one flat comprehension.
 
 LoRA-Mini adapters that share their frozen outer matrices (same seed and `mini_outer`, so the same A_out, B_out)
 are stacked by their inner factors only: A_out·x is computed once for all rows, then the per-row r x a and b x r
@@ -50,26 +53,28 @@ class Routing:
     names: dict = field(default_factory=dict)  # (a layer's adapters) -> the names of this batch it has
     masks: dict = field(default_factory=dict)  # slot masks of the dense (few-token) product
 
-    def names_on(self, host) -> tuple[str, ...]:
-        """The adapters of this batch that `host` has, in first-row order (checked unmerged once per forward)."""
-        key = tuple(host.adapters)
+    def names_on(self, adapters: dict) -> tuple[str, ...]:
+        """The adapters of this batch that a host has (`adapters`: its name -> layer dict), in first-row order
+        (checked unmerged once per forward)."""
+        key = tuple(adapters)
         names = self.names.get(key)
         if names is None:
-            names = tuple(name for name in dict.fromkeys(self.rows) if name in host.adapters)
-            merged = [name for name in names if host.adapters[name].merged]
+            names = tuple(name for name in dict.fromkeys(self.rows) if name in adapters)
+            merged = [name for name in names if adapters[name].merged]
             if merged:
                 raise ConfigError(f"adapter {merged[0]!r} is merged; call lorakit.unmerge(model) before a mixed batch")
             self.names[key] = names
         return names
 
-    def slot_mask(self, names: tuple[str, ...], rank: int, device, low_dtype) -> torch.Tensor:
-        """rows x (slots·rank): 1 where a column belongs to the row's slot (slot 0, the base, is all zeros)."""
-        key = (names, rank, str(device), low_dtype)
+    def token_mask(self, names: tuple[str, ...], rank: int, tokens: int, device, dtype) -> torch.Tensor:
+        """tokens x (adapters·rank): 1 where a column belongs to the adapter of the token's row (a base row: all
+        zeros). Rows hold tokens // rows tokens each, in order."""
+        key = (names, rank, tokens, device, dtype)
         mask = self.masks.get(key)
         if mask is None:
-            index = self.slot_index(names, device)
-            columns = torch.arange(len(names) + 1, device=device).repeat_interleave(rank)
-            mask = self.masks[key] = (index[:, None] == columns[None, :]).to(low_dtype)
+            index = self.slot_index(names, device).repeat_interleave(tokens // len(self.rows))
+            columns = torch.arange(1, len(names) + 1, device=device).repeat_interleave(rank)
+            mask = self.masks[key] = (index[:, None] == columns[None, :]).to(dtype)
         return mask
 
     def slot_index(self, names: tuple[str, ...], device) -> torch.Tensor:
@@ -82,11 +87,22 @@ class Routing:
         return index
 
 
-def _version_key(layer) -> tuple:
-    """Changes when any of the adapter's own tensors is replaced or written in place (an adapter has no child
-    modules with tensors: its dropout has none)."""
-    tensors = (*layer._parameters.values(), *layer._buffers.values())
-    return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+def _watched(layers) -> list[tuple[dict, str, torch.Tensor]]:
+    """Every tensor of the adapters, with the dict that holds it (an adapter has no child modules with tensors:
+    its dropout has none)."""
+    return [
+        (tensors, key, t)
+        for layer in layers
+        for tensors in (layer._parameters, layer._buffers)
+        for key, t in tensors.items()
+        if t is not None
+    ]
+
+
+def _versions(watched) -> list:
+    """Changes when a tensor is replaced (`layer.A = ...`), given new storage (`.data = ...`) or written in place
+    (its version counter). Runs on every layer of every forward, so a flat comprehension."""
+    return [(t.data_ptr(), t._version) if tensors.get(key) is t else None for tensors, key, t in watched]
 
 
 def _shared_outer(layers) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -125,7 +141,9 @@ class _Stacks:
     """One layer's cached stacks for one tuple of adapter names."""
 
     def __init__(self, layers):
-        self.key = tuple(_version_key(layer) for layer in layers)
+        self.layers = layers
+        self.watched = _watched(layers)
+        self.key = _versions(self.watched)
         outer = _shared_outer(layers)
         if outer is not None:  # Mini with shared outer matrices: stack the inner factors only
             self.outer = outer
@@ -135,19 +153,26 @@ class _Stacks:
             pairs = [layer.route_factors() for layer in layers]
         self.low_rank = all(pair is not None for pair in pairs)
         self.a, self.b = _stack(layers, [(a.detach(), b.detach()) for a, b in pairs]) if self.low_rank else (None, None)
-        if self.low_rank:  # the same stacks side by side: (slots·rank) x in and out x (slots·rank)
+        if self.low_rank:  # the adapters' stacks side by side, without slot 0: (adapters·rank) x in, out x (...)
             self.rank = self.a.shape[1]
-            self.a_flat = self.a.reshape(-1, self.a.shape[-1])
-            self.b_flat = self.b.permute(1, 0, 2).reshape(self.b.shape[1], -1)
+            self.a_flat = self.a[1:].reshape(-1, self.a.shape[-1])
+            self.b_flat = self.b[1:].permute(1, 0, 2).reshape(self.b.shape[1], -1)
 
 
 def _stacks(host, names: tuple[str, ...]) -> _Stacks:
-    layers = [host.adapters[name] for name in names]
+    adapters = _adapter_dict(host)
+    layers = [adapters[name] for name in names]
     cache = host.__dict__.setdefault("_route_stacks", {})
     cached = cache.get(names)
-    if cached is None or cached.key != tuple(_version_key(layer) for layer in layers):
+    if cached is None or cached.layers != layers or cached.key != _versions(cached.watched):
         cached = cache[names] = _Stacks(layers)
     return cached
+
+
+def _adapter_dict(host) -> dict:
+    """The host's adapters by name: its ModuleDict's own dict (read on every layer of every forward, where
+    nn.Module attribute lookups add up)."""
+    return host._modules["adapters"]._modules
 
 
 def routed_forward(host, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -159,26 +184,43 @@ def routed_forward(host, x: torch.Tensor, routing: Routing) -> torch.Tensor:
             "batch (generate: without beams or several sequences per prompt)"
         )
     out = host.base_output(x)
-    names = routing.names_on(host)
+    names = routing.names_on(_adapter_dict(host))
     if not names:
         return out
     stacks = _stacks(host, names)
-    index = routing.slot_index(names, x.device)
     if not stacks.low_rank:
-        return _per_adapter(host, x, out, names, index)
+        return _per_adapter(host, x, out, names, routing.slot_index(names, x.device))
+    tokens = x.numel() // x.shape[-1]
+    if tokens * len(names) <= DENSE_LIMIT:
+        return _dense(x, out, stacks, routing.token_mask(names, stacks.rank, tokens, x.device, stacks.a.dtype))
+    index = routing.slot_index(names, x.device)
     h = x.reshape(x.shape[0], -1, x.shape[-1]).to(stacks.a.dtype)
     if stacks.outer is not None:
         h = h @ stacks.outer[0].T  # A_out·x once for every row
-    if h.shape[0] * h.shape[1] * len(stacks.a) <= DENSE_LIMIT:
-        # few tokens (decode): every row through every slot's A in one GEMM, masked to its own slot, then one GEMM
-        # with every B; no gathered copies of the factors
-        low = (h @ stacks.a_flat.T) * routing.slot_mask(names, stacks.rank, x.device, low_dtype=h.dtype)[:, None]
-        update = low @ stacks.b_flat.T
-    else:
-        update = torch.bmm(torch.bmm(h, stacks.a[index].transpose(1, 2)), stacks.b[index].transpose(1, 2))
+    update = torch.bmm(torch.bmm(h, stacks.a[index].transpose(1, 2)), stacks.b[index].transpose(1, 2))
     if stacks.outer is not None:
         update = update @ stacks.outer[1].T
     return out + update.reshape(out.shape).to(out.dtype)
+
+
+def _dense(x, out, stacks: _Stacks, mask: torch.Tensor) -> torch.Tensor:
+    """Few tokens (decode): every token through every adapter's A in one GEMM, masked to its row's adapter, then one
+    GEMM with every B that adds into the base output. No gathered copies of the factors, and few operations: at
+    decode a layer's time is reading the factors plus each operation's fixed cost, not its arithmetic."""
+    h = x.reshape(-1, x.shape[-1])
+    if h.dtype != stacks.a.dtype:
+        h = h.to(stacks.a.dtype)
+    if stacks.outer is not None:
+        h = h @ stacks.outer[0].T  # A_out·x once for every token
+    low = h @ stacks.a_flat.T
+    low *= mask
+    flat_out = out.reshape(-1, out.shape[-1])
+    if stacks.outer is None and flat_out.dtype == low.dtype:
+        return torch.addmm(flat_out, low, stacks.b_flat.T).reshape(out.shape)
+    update = low @ stacks.b_flat.T
+    if stacks.outer is not None:
+        update = update @ stacks.outer[1].T
+    return (flat_out + update.to(out.dtype)).reshape(out.shape)
 
 
 def _per_adapter(host, x, out, names, index) -> torch.Tensor:
@@ -193,18 +235,18 @@ def _per_adapter(host, x, out, names, index) -> torch.Tensor:
 
 ROUTING_HOOKS = "_lorakit_routing_hooks"  # where the adapted model keeps its pre-hook, post-hook and generate
 STICKY = "_lorakit_sticky_routing"  # a routing that holds across forwards (generate, `mixed_batch`)
+SWITCH = "_lorakit_routing_switch"  # the model's `_Switch`
 
 
 def _routing(model: nn.Module, names) -> Routing:
     from .adapted import BASE_ROW_NAMES
-    from .inject import adapter_names
 
     if model.training:
         raise ConfigError("adapter_names is for inference (a mixed batch); call model.eval() first")
     if isinstance(names, str):
         raise ConfigError("adapter_names must be a list with one adapter name per row, not a string")
     rows = tuple(names)
-    known = adapter_names(model)
+    known = list(_known_names(model))
     unknown = sorted({row for row in rows if row not in BASE_ROW_NAMES} - set(known))
     if unknown:
         raise ConfigError(
@@ -214,11 +256,46 @@ def _routing(model: nn.Module, names) -> Routing:
     return Routing(rows)
 
 
-def _set(model: nn.Module, routing: Routing | None) -> None:
-    from .inject import hosts
+class _Switch:
+    """The adapted model's hosts and adapter names, listed when they change (`refresh_routing`), so that a forward
+    sets every host's routing without scanning the model's modules (a scan costs more than a decode step's
+    adapters)."""
 
-    for _, host in hosts(model):
-        host.routing = routing
+    def __init__(self):
+        self.hosts: list = []
+        self.names: tuple[str, ...] = ()
+
+
+def refresh_routing(model: nn.Module) -> None:
+    """List the model's hosts and adapter names again (after an adapter is added or deleted)."""
+    switch = model.__dict__.get(SWITCH)
+    if switch is None:
+        return
+    from .inject import adapter_names, hosts
+
+    switch.hosts = [host for _, host in hosts(model)]
+    switch.names = tuple(adapter_names(model))
+
+
+def _known_names(model: nn.Module) -> tuple[str, ...]:
+    switch = model.__dict__.get(SWITCH)
+    if switch is not None:
+        return switch.names
+    from .inject import adapter_names
+
+    return tuple(adapter_names(model))
+
+
+def _set(model: nn.Module, routing: Routing | None) -> None:
+    switch = model.__dict__.get(SWITCH)
+    if switch is None:
+        from .inject import hosts
+
+        targets = [host for _, host in hosts(model)]
+    else:
+        targets = switch.hosts
+    for host in targets:
+        host.__dict__["routing"] = routing  # a plain attribute of the host: skip nn.Module's __setattr__ checks
 
 
 @contextlib.contextmanager
@@ -266,7 +343,10 @@ class _RoutedGenerate:
 def install_routing(model: nn.Module) -> None:
     """Give an adapted model its `adapter_names=` argument (forward and generate); idempotent."""
     if ROUTING_HOOKS in model.__dict__:
+        refresh_routing(model)
         return
+    model.__dict__[SWITCH] = _Switch()
+    refresh_routing(model)
     patched = callable(getattr(type(model), "generate", None))
     if patched:
         object.__setattr__(model, "generate", _RoutedGenerate(model))
@@ -287,3 +367,4 @@ def remove_routing(model: nn.Module) -> None:
     if patched:
         model.__dict__.pop("generate", None)
     model.__dict__.pop(STICKY, None)
+    model.__dict__.pop(SWITCH, None)

@@ -119,6 +119,9 @@ def test_inline_grids_and_auto():
     assert initial_grid(lora, [3e-3, 1e-3]) == [1e-3, 3e-3]
     assert initial_grid(olora, "auto") is None  # a fixed lr= is never swept
     assert initial_grid(mora, None) == [1e-4, 3e-4, 9e-4]
+    # OLoRA's grid is centred 3x below LoRA's: the reproduction's sweeps chose about 9x below (README, The methods)
+    olora_grid = initial_grid(parse_methods("olora")[0], "auto")
+    assert olora_grid[1] == 1e-4 and olora_grid[1] < initial_grid(lora, "auto")[1]
     for name, rate in DOCUMENTED_LR.items():
         assert initial_grid(parse_methods(name)[0], "auto") == [
             pytest.approx(rate / 3, rel=1e-5),

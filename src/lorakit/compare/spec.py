@@ -40,7 +40,7 @@ OPTIONS = {
 # of SWEEP_POINTS rates, SWEEP_FACTOR apart, on it.
 DOCUMENTED_LR = {
     "lora": 3e-4,
-    "olora": 3e-4,
+    "olora": 1e-4,  # about 9x below LoRA's: the reproduction's sweeps (docs/reproduction.md)
     "mini": 3e-3,  # orthonormal (default) and qr outer matrices: ~10x LoRA's
     "loraxs": 3e-3,
     "melora": 3e-4,

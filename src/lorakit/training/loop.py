@@ -21,10 +21,10 @@ from .. import __version__
 from ..atomic import prepare_directory, write_json
 from ..data import default_eval_source, load_examples, read_records
 from ..data.formats import IGNORE
-from ..errors import ConfigError, LorakitError
-from ..inject import adapt, adapter_layers, trainable_parameters
+from ..errors import BaseModelMismatchError, ConfigError, LorakitError
+from ..inject import DEFAULT_ADAPTER, adapt, adapter_layers, set_active, trainable_parameters
 from ..models import load_model
-from ..persist import load_adapter, save_adapter
+from ..persist import load_adapter, read_adapter, save_adapter
 from ..procedures.base import TrainingState
 from ..quantize import model_quantization, quantize_model
 from ..token_rows import TOKENIZER_DIR, add_tokens
@@ -143,6 +143,9 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
     torch.manual_seed(cfg.seed)  # the same on every process while the model is built
     for source in filter(None, (cfg.data, cfg.eval_data)):
         read_records(source)  # fail fast on a missing or broken file, before the model loads
+    frozen = cfg.frozen_adapter or []
+    for path in frozen:
+        read_adapter(path)  # the same for the frozen adapters
     classify = cfg.task == "classification"
     labels = classification.labels_of(read_records(cfg.data), cfg.data) if classify else None
     base, tokenizer = load_model(
@@ -168,7 +171,14 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         if classify:  # the new head trains in full
             saved = [classification.head_name(base)] + (adapter_config.modules_to_save or [])
             adapter_config = dataclasses.replace(adapter_config, modules_to_save=list(dict.fromkeys(saved)))
-        model = load_adapter(base, resume_from) if resume_from else adapt(base, adapter_config)
+        model = _load_frozen(base, frozen)
+        trained = DEFAULT_ADAPTER if frozen else None  # the new adapter's name beside the frozen ones
+        if resume_from:
+            model = load_adapter(model, resume_from, name=trained)
+        else:
+            model = adapt(model, adapter_config, name=trained)
+        if frozen:  # all active, only the new one trains
+            set_active(model, [*_frozen_names(frozen), DEFAULT_ADAPTER], train=DEFAULT_ADAPTER)
     except ConfigError as exc:
         raise ConfigError(flags_in_message(str(exc))) from None
     try:
@@ -349,12 +359,31 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
             "precision": runtime.precision_details,
             **base_memory,
             "gradient_checkpointing": cfg.gradient_checkpointing,
+            "frozen_adapters": [str(Path(path).resolve()) for path in frozen],  # active under the trained one
             "base_parameters": base_parameters,
             "base_parameters_per_process": local_base,
         }
         write_json(out / "summary.json", summary)
     runtime.wait_for_everyone()
     return summary
+
+
+def _frozen_names(frozen: list[str]) -> list[str]:
+    return [f"frozen_{i}" for i in range(1, len(frozen) + 1)]
+
+
+def _load_frozen(base, frozen: list[str]):
+    """--frozen-adapter: each adapter loaded onto the base in turn (the base check applies to each)."""
+    model = base
+    for path, name in zip(frozen, _frozen_names(frozen), strict=True):
+        try:
+            model = load_adapter(model, path, name=name)
+        except BaseModelMismatchError as exc:  # its fix names load_adapter's strict=, which train does not have
+            problem = str(exc).split("; ", 1)[0]
+            raise BaseModelMismatchError(
+                f"--frozen-adapter {path}: {problem}; train on the base model it was trained on (--model)"
+            ) from None
+    return model
 
 
 def enable_gradient_checkpointing(model) -> None:

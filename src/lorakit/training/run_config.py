@@ -46,6 +46,7 @@ class TrainConfig:
     mini_outer: str = "orthonormal"
     option: list[str] | None = None  # method options, "key=value" each (CLI: --option key=value, repeatable)
     procedure: str | None = None  # a training procedure, "NAME[:key=value,...]" (lorakit.procedures)
+    frozen_adapter: list[str] | None = None  # adapter directories loaded first, active and frozen under the new one
     optimizer: str = "adamw"
     steps: int = 100
     batch_size: int = 4
@@ -132,6 +133,8 @@ class TrainConfig:
                 f"{whole[0]} does not support --fsdp yet: the modules it trains are not gathered for saving; train "
                 "without --fsdp (torchrun without it runs DDP)"
             )
+        if self.frozen_adapter:
+            _check_frozen_adapters(self)
         if self.fsdp and self.precision == "fp16":
             raise ConfigError("--precision fp16 is not supported with --fsdp; use --precision bf16")
         self.adapter_config()
@@ -179,6 +182,25 @@ class TrainConfig:
 
     def comparable(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUME_MAY_DIFFER}
+
+
+def _check_frozen_adapters(cfg: TrainConfig) -> None:
+    """--frozen-adapter: the new adapter trains on top of these; what does not combine with it yet is refused."""
+    beside = [flag for flag, used in (
+        ("--procedure", cfg.procedure), ("--fsdp", cfg.fsdp), ("--optimizer rite", cfg.optimizer == "rite"),
+        ("--task classification", cfg.task == "classification"), ("--add-tokens", cfg.add_tokens),
+        ("--modules-to-save", cfg.modules_to_save),
+    ) if used]  # fmt: skip
+    if beside:
+        raise ConfigError(
+            f"--frozen-adapter does not combine with {beside[0]} yet; train the new adapter without {beside[0]}"
+        )
+    seen = set()
+    for path in cfg.frozen_adapter:
+        key = Path(path).resolve()
+        if key in seen:
+            raise ConfigError(f"--frozen-adapter {path} is given twice; give each frozen adapter once")
+        seen.add(key)
 
 
 def parse_targets(value) -> str | list[str]:
