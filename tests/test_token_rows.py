@@ -190,3 +190,17 @@ def test_scaled_embeddings_keep_their_scale():
     inputs = _batch()
     model = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(r=2, targets=["q_proj"], trainable_tokens=IDS))
     torch.testing.assert_close(model(inputs).logits, base(inputs).logits, atol=1e-6, rtol=0)
+
+
+@TIED
+def test_summary_lists_the_token_rows_and_saved_modules(tied):
+    model = _adapted(_base(tied), modules_to_save=["norm"])
+    report = lorakit.summary(model)
+    rows = {row[0]: row[4] for row in report.rows}
+    hidden = model.config.hidden_size
+    assert rows["model.embed_tokens (3 token rows)"] == len(IDS) * hidden
+    assert rows["lm_head (3 token rows)"] == (0 if tied else len(IDS) * hidden)  # tied: the embedding's rows
+    assert rows["model.norm (trained in full)"] == hidden
+    assert sum(rows.values()) == report.trainable  # every trained parameter is in one row, once
+    text = str(report)
+    assert "model.norm (trained in full)" in text and "in 4 modules" in text  # q and v of two layers

@@ -542,6 +542,7 @@ class Summary:
     trainable: int
     total: int
     rows: list[tuple[str, int, int, int, int]]  # name, in, out, rank, trainable params
+    modules: int | None = None  # adapted modules (default: the rows but the shared one)
 
     def __str__(self) -> str:
         width = max([len("module")] + [len(r[0]) for r in self.rows])
@@ -550,7 +551,8 @@ class Summary:
         pct = 100.0 * self.trainable / max(self.total, 1)
         lines.append(
             f"method={self.method}  trainable params: {self.trainable:,} / {self.total:,} ({pct:.4f}%)  "
-            f"in {sum(1 for row in self.rows if row[0] != SHARED_ROW)} modules"
+            f"in {self.modules if self.modules is not None else sum(1 for row in self.rows if row[0] != SHARED_ROW)} "
+            "modules"
         )
         return "\n".join(lines)
 
@@ -580,6 +582,21 @@ def summary(model: nn.Module, adapter: str | None = None) -> Summary:
                 sum(p.numel() for p in shared.trainable_parameters().values()),
             )
         )
+    if layers[0][1].adapter_name == adapter_names(model)[0]:  # modules_to_save and token rows: the first adapter's
+        rows += _extra_rows(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return Summary(layers[0][1].method, trainable, total, rows)
+    return Summary(layers[0][1].method, trainable, total, rows, modules=len(layers))
+
+
+def _extra_rows(model: nn.Module) -> list[tuple[str, int, int, int, int]]:
+    """Summary rows of the modules trained in full and of the trained token rows (in, out and rank 0: not low
+    rank). A head tied to the embedding has no rows of its own (0 trainable)."""
+    rows = []
+    for name, module in saved_modules.saved_modules(model):
+        count = sum(p.numel() for p in module.trainable_parameters().values())
+        rows.append((f"{name} (trained in full)", 0, 0, 0, count))
+    for name, module in token_rows.token_rows(model):
+        count = sum(p.numel() for p in module.trainable_parameters().values())
+        rows.append((f"{name} ({len(module.ids)} token rows)", 0, 0, 0, count))
+    return rows

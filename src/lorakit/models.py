@@ -73,7 +73,7 @@ def load_model(model_ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = Fals
 
 
 def _classifier(model_ref: str, trust_remote_code: bool, dtype, num_labels: int):
-    from .training.classification import init_head
+    from .training.classification import init_head, init_new_weights
 
     gguf = resolve_alias(model_ref) if model_ref in ALIASES else Path(model_ref).expanduser()
     if gguf.suffix == ".gguf":
@@ -86,6 +86,7 @@ def _classifier(model_ref: str, trust_remote_code: bool, dtype, num_labels: int)
     model, tokenizer = _load_pretrained(model_ref, trust_remote_code, dtype, num_labels=num_labels)
     model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last token before the padding
     init_head(model)
+    init_new_weights(model, model.__dict__.pop("_lorakit_missing_keys", ()))
     return model, tokenizer
 
 
@@ -98,7 +99,13 @@ def _load_pretrained(ref: str, trust_remote_code: bool, dtype, hub: bool = False
     kwargs.pop("num_labels", None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **kwargs)
-        model = auto.from_pretrained(ref, trust_remote_code=trust_remote_code, dtype=dtype, **model_kwargs)
+        if auto is AutoModelForSequenceClassification:  # which weights the checkpoint lacks: lorakit draws them
+            model, info = auto.from_pretrained(
+                ref, trust_remote_code=trust_remote_code, dtype=dtype, output_loading_info=True, **model_kwargs
+            )
+            model.__dict__["_lorakit_missing_keys"] = tuple(info["missing_keys"])
+        else:
+            model = auto.from_pretrained(ref, trust_remote_code=trust_remote_code, dtype=dtype, **model_kwargs)
     except SafetensorError as exc:  # a truncated or corrupt weights file
         raise ModelLoadError(
             f"model {ref!r}: a weights file is not readable safetensors ({_first_line(exc)[:200]}); "

@@ -214,13 +214,13 @@ def _dense(x, out, stacks: _Stacks, mask: torch.Tensor) -> torch.Tensor:
         h = h @ stacks.outer[0].T  # A_out·x once for every token
     low = h @ stacks.a_flat.T
     low *= mask
+    last = stacks.b_flat
+    if stacks.outer is not None:  # the inner B's, then B_out once for every token
+        low, last = low @ stacks.b_flat.T, stacks.outer[1]
     flat_out = out.reshape(-1, out.shape[-1])
-    if stacks.outer is None and flat_out.dtype == low.dtype:
-        return torch.addmm(flat_out, low, stacks.b_flat.T).reshape(out.shape)
-    update = low @ stacks.b_flat.T
-    if stacks.outer is not None:
-        update = update @ stacks.outer[1].T
-    return (flat_out + update.to(out.dtype)).reshape(out.shape)
+    if flat_out.dtype == low.dtype:
+        return torch.addmm(flat_out, low, last.T).reshape(out.shape)
+    return (flat_out + (low @ last.T).to(out.dtype)).reshape(out.shape)
 
 
 def _per_adapter(host, x, out, names, index) -> torch.Tensor:

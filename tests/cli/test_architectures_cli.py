@@ -63,3 +63,28 @@ def test_an_encoder_without_a_causal_head_is_refused_in_one_line(arch, tokenizer
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"lorakit: error: model '{tmp_path / 'model'}': it could not be loaded: ")
     assert "AutoModelForCausalLM" in err[-1] and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_classification_on_a_model_directory(arch, tokenizer, tmp_path, isolated_cli, capsys):
+    """--task classification on every architecture, encoders included: the new head trains in full and eval
+    reports its accuracy."""
+    build_architecture_dir(tmp_path / "model", arch, tokenizer=tokenizer)
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} fox {i}", "label": "pos" if i % 2 else "neg"} for i in range(8)]
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    argv = ["train", "--task", "classification", "--model", str(tmp_path / "model"), "--data", str(data),
+            "--eval-data", str(data), "--rank", "4", "--steps", "2", "--batch-size", "4", "--max-length", "16",
+            "--lr", "1e-2", "--quiet", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "classification" and 0.0 <= summary["accuracy"] <= 1.0
+    adapter = json.loads((out / "adapter" / "adapter.json").read_text())
+    (head,) = adapter["modules_to_save"]
+    assert head in ("score", "classifier") and adapter["modules_to_save"][head]["tensors"]["weight"][0] == 2
+    assert adapter["modules"] and not any(name.startswith(head) for name in adapter["modules"])
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(tmp_path / "model"), "--adapter", str(out / "adapter"), "--data",
+                     str(data), "--max-length", "16"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == pytest.approx(summary["accuracy"])

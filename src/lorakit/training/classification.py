@@ -117,6 +117,28 @@ def init_head(model) -> None:
                     module.bias.zero_()
 
 
+def init_new_weights(model, missing_keys) -> None:
+    """Draw every other weight the checkpoint lacks from a fixed seed too, the same at every load (BERT's pooler
+    when the checkpoint is a masked LM, which has none): otherwise transformers draws it afresh at each load, and the
+    classifier evaluated or reloaded is not the one trained (the base check refuses it). Matrices
+    N(0, initializer_range²), biases 0, vectors (norm weights) 1."""
+    head = head_name(model) + "."
+    gen = torch.Generator().manual_seed(HEAD_SEED + 1)
+    std = getattr(model.config, "initializer_range", 0.02)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in sorted(missing_keys):  # sorted: the same draws at every load
+            param = params.get(key)
+            if param is None or key.startswith(head) or not param.is_floating_point():
+                continue
+            if key.endswith("bias"):
+                param.zero_()
+            elif param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen).to(param.dtype) * std)
+
+
 def save_labels(adapter_dir: Path, labels: list[str]) -> None:
     from ..atomic import write_json
 
