@@ -235,7 +235,8 @@ def main(which: str, steps: int | None) -> None:
             for setting in SETTINGS:
                 for tool in TOOLS:
                     default[f"{setting}/{tool}"] = run_child(model_name, setting, tool, n, "glibc-default")
-        results[model_name] = {"steps": n, "allocator": "trim", "rows": rows, "glibc-default": default}
+        results[model_name] = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": n,
+                               "allocator": "trim", "rows": rows, "glibc-default": default}  # one model may be rerun alone
         OUT.write_text(json.dumps(results, indent=2) + "\n")
         print(f"\n{model_name}: peak GiB (ratio to floor), step s")
         print("| setting | lorakit | PEFT + bitsandbytes | peak lorakit / PEFT | step lorakit / PEFT | floor |")

@@ -46,6 +46,8 @@ class AdapterConfig:
             frozen original (`lorakit.saved_modules`; PEFT's `modules_to_save`).
         trainable_tokens: token ids whose input-embedding rows (and output-head rows, unless tied) train, as k x d
             rows beside the frozen embedding (`lorakit.token_rows`; PEFT's `trainable_token_indices`).
+        target_parameters: suffixes of 3-D expert parameters (["experts.gate_up_proj", "experts.down_proj"]) that get
+            a rank-r LoRA per expert (`lorakit.expert_lora`; PEFT's `target_parameters`); method "lora" only.
     """
 
     method: str = "lora"
@@ -63,6 +65,7 @@ class AdapterConfig:
     extra: dict = field(default_factory=dict)
     modules_to_save: list[str] | None = None
     trainable_tokens: list[int] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self):
         from .methods import METHODS  # late import: methods import the layer, which imports this module
@@ -90,6 +93,8 @@ class AdapterConfig:
             raise ConfigError("extra must be a dict of method-specific options")
         self.modules_to_save = _check_names(self.modules_to_save)
         self.trainable_tokens = _check_token_ids(self.trainable_tokens)
+        self.target_parameters = _check_names(self.target_parameters, "target_parameters",
+                                              "['experts.gate_up_proj', 'experts.down_proj']")  # fmt: skip
         layer_cls = METHODS[self.method]
         self.extra = validate_options(self.method, layer_cls.options, self.extra)
         layer_cls.check_config(self)
@@ -124,7 +129,7 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        for key in ("modules_to_save", "trainable_tokens"):  # unset: the dict (and adapter.json) of earlier versions
+        for key in ("modules_to_save", "trainable_tokens", "target_parameters"):  # unset: the dict (and adapter.json) of earlier versions
             if data[key] is None:
                 del data[key]
         return data
@@ -141,7 +146,7 @@ class AdapterConfig:
         return cls(**data)
 
 
-def _check_names(value) -> list[str] | None:
+def _check_names(value, field: str = "modules_to_save", example: str = "['lm_head'] or ['score']") -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, tuple):
@@ -149,7 +154,7 @@ def _check_names(value) -> list[str] | None:
     if isinstance(value, list) and value and all(isinstance(v, str) and v and v == v.strip(".") for v in value):
         return list(dict.fromkeys(value))
     raise ConfigError(
-        f"modules_to_save={value!r} is invalid; use a list of module-name suffixes such as ['lm_head'] or ['score']"
+        f"{field}={value!r} is invalid; use a list of name suffixes such as {example}"
     )
 
 

@@ -12,15 +12,15 @@ line naming it, and `targets="all-linear"` (or a regex reaching an experts modul
 frozen. A 3-D parameter counts as a stack of experts when its module has `num_experts` equal to its first dimension
 (every transformers experts class has it); convolution kernels, also 3-D, are not experts.
 
-Not done: LoRA on these parameters. What PEFT 0.21 does (peft/tuners/lora/layer.py, `ParamWrapper`), for whoever
+LoRA on these parameters is `AdapterConfig(target_parameters=[...])`, in `lorakit.expert_lora`. What PEFT 0.21 does (peft/tuners/lora/layer.py, `ParamWrapper`), for whoever
 adds it: one wrapper per targeted parameter, nested when a module has two (the last name of `target_parameters` is
 the outer one, so its keys read `experts.lora_A.weight`, the earlier one's `experts.base_layer.lora_A.weight`); for
 a parameter of shape (E, out, in) (`is_transposed` False, as in Mixtral and Qwen3-MoE) lora_A is (E·r x in) with
 A_e = rows e·r … (e+1)·r, lora_B is (out x E·r) with B_e = lora_B.reshape(out, r, E)[:, :, e], ΔW_e = s·B_e A_e,
 A Kaiming-uniform and B zero; no dropout, DoRA or bias. The forward reparametrizes the parameter as W + s·ΔW while
-the module runs. In lorakit such a wrapper is not a linear `AdapterLayer`: persist (base check, stored shapes,
-rebuild on load), PEFT export and import, the procedures, LoRA-RITE and FSDP all read adapted layers as linear
-ones, and each would need it handled or refused.
+the module runs. lorakit does the same, as a model-wide extra beside the linear adapters (like modules_to_save),
+so persist, disabled / unload / merge_and_unload and Trainer checkpoints handle it; PEFT export and import of it,
+the training procedures, LoRA-RITE and FSDP refuse it in one line.
 """
 
 from __future__ import annotations
@@ -58,25 +58,30 @@ def refuse_expert_targets(model: nn.Module, targets: list[str], linear_names: li
     """ConfigError if a target suffix names an experts module, or one of its 3-D parameters and no linear layer."""
     for module, params in expert_parameters(model).items():
         for target in targets:
-            named = [key for key in params if _suffix(f"{module}.{key}", target)]
-            if named and not any(_suffix(n, target) for n in linear_names):
+            named = [key for key in params if suffix_matches(f"{module}.{key}", target)]
+            if named and not any(suffix_matches(n, target) for n in linear_names):
                 shape = params[named[0]]
                 dims = " x ".join(map(str, shape))
                 what = f"the 3-D expert parameter {module}.{named[0]} ({shape[0]} experts, {dims}), not a linear layer"
                 it = "it"
-            elif _suffix(module, target):
+            elif suffix_matches(module, target):
                 what = f"the experts module {module}, whose experts are 3-D parameters ({_describe(params)}), not linear layers"
                 it = "them"
             else:
                 continue
             raise ConfigError(
-                f"target {target!r} is {what}: lorakit cannot adapt {it}; target linear modules such as {hint}"
+                f"target {target!r} is {what}: targets are linear layers; name {it} in the Python API's "
+                f"target_parameters for a LoRA per expert, and target linear modules such as {hint}"
             )
 
 
-def warn_frozen_experts(model: nn.Module, targets, stacklevel: int) -> None:
-    """One warning when `targets` ("all-linear" or a regex) reach experts that stay frozen."""
+def warn_frozen_experts(model: nn.Module, targets, stacklevel: int, adapted: dict | None = None) -> None:
+    """One warning when `targets` ("all-linear" or a regex) reach experts that stay frozen (`adapted`: the experts
+    modules `target_parameters` adapts, {name: ExpertLoRA})."""
     found = expert_parameters(model)
+    for name, module in (adapted or {}).items():  # their adapted parameters do not stay frozen
+        left = {key: shape for key, shape in found.get(name, {}).items() if key not in module.params}
+        found = {m: p for m, p in found.items() if m != name} | ({name: left} if left else {})
     if isinstance(targets, str) and targets != "all-linear":
         found = {m: p for m, p in found.items() if re.fullmatch(targets, m) or any(
             re.fullmatch(targets, f"{m}.{key}") for key in p)}
@@ -93,5 +98,5 @@ def warn_frozen_experts(model: nn.Module, targets, stacklevel: int) -> None:
     )
 
 
-def _suffix(name: str, target: str) -> bool:
+def suffix_matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import saved_modules, token_rows
+from . import expert_lora, saved_modules, token_rows
 from .adapted import BASE_ROW_NAMES, AdaptedLayer
 from .config import AdapterConfig
 from .errors import ConfigError
@@ -23,7 +23,7 @@ from .routing import install_routing, refresh_routing, remove_routing
 SHARED = "lorakit_shared"  # the attribute of the model that owns a method's shared tensors (LoRTA)
 SHARED_ROW = "(shared by all layers)"  # the summary row of those tensors
 DEFAULT_ADAPTER = "default"  # the name of an adapter when none is given: today's one-adapter API and files
-EXTRAS = (saved_modules, token_rows)  # modules trained beside the adapters: each has the same few functions
+EXTRAS = (saved_modules, token_rows, expert_lora)  # trained beside the adapters: each has the same few functions
 
 
 def hosts(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -182,23 +182,25 @@ def adapt(model: nn.Module, config: AdapterConfig, *, name: str | None = None, i
     """
     name = new_adapter_name(model, name)
     layers = build_layers(model, config, initialize=initialize, name=name)
-    warn_frozen_experts(model, config.targets, stacklevel=2)
     _refuse_extras_beside(model, config)
+    experts = expert_lora.build(model, config, initialize=initialize)
+    warn_frozen_experts(model, config.targets, stacklevel=2, adapted=experts)
     saved = saved_modules.build(model, saved_modules.find_saved(model, config))
     rows = token_rows.build(model, config, list(layers), list(saved))
     _warn_useless_rank(config, layers)
     install(model, layers, name=name)
     saved_modules.install(model, saved)
     token_rows.install(model, rows)
+    expert_lora.install(model, experts)
     return model
 
 
 def _refuse_extras_beside(model: nn.Module, config: AdapterConfig) -> None:
     """modules_to_save and trainable token rows are model-wide: only a model's first adapter has them."""
-    if is_adapted(model) and (config.modules_to_save or config.trainable_tokens):
+    if is_adapted(model) and (config.modules_to_save or config.trainable_tokens or config.target_parameters):
         raise ConfigError(
-            "modules_to_save and trainable_tokens belong to a model's first adapter only (they are model-wide); "
-            "add this adapter without them, or adapt a fresh model"
+            "modules_to_save, trainable_tokens and target_parameters belong to a model's first adapter only (they "
+            "are model-wide); add this adapter without them, or adapt a fresh model"
         )
 
 
@@ -296,6 +298,9 @@ def adapter_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
     shared = shared_parameters(model, adapter)
     if shared is not None:
         params += list(shared.trainable_parameters().values())
+    names = adapter_names(model)
+    if names and adapter != names[0]:  # modules_to_save, token rows, expert LoRA: the model's first adapter's
+        return params
     return params + [p for extra in EXTRAS for p in extra.trainable_parameters(model)]
 
 
@@ -599,4 +604,7 @@ def _extra_rows(model: nn.Module) -> list[tuple[str, int, int, int, int]]:
     for name, module in token_rows.token_rows(model):
         count = sum(p.numel() for p in module.trainable_parameters().values())
         rows.append((f"{name} ({len(module.ids)} token rows)", 0, 0, 0, count))
+    for name, module in expert_lora.expert_loras(model):
+        count = sum(p.numel() for p in module.trainable_parameters().values())
+        rows.append((f"{name} ({', '.join(module.params)}: LoRA per expert)", 0, 0, module.r, count))
     return rows

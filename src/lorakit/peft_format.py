@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from . import saved_modules, token_rows
+from . import expert_lora, saved_modules, token_rows
 from .atomic import prepare_directory, write_bytes, write_json
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError
@@ -75,6 +75,12 @@ def _task_type(model: nn.Module) -> str | None:
 def export_peft(model: nn.Module, directory) -> Path:
     """Write the adapter as a PEFT LoRA adapter relative to the original base model; returns the directory."""
     layers = _require_adapted(model)
+    experts = next(expert_lora.expert_loras(model), None)
+    if experts is not None:
+        raise ConfigError(
+            f"{experts[0]} has a LoRA on its expert parameters (target_parameters), which lorakit does not export to "
+            "PEFT yet; use `lorakit merge` to write a full merged model instead"
+        )
     config = layers[0][1].config
     tensors, shapes = {}, {}
     for name, layer in layers:

@@ -108,7 +108,7 @@ class ProcedureCallback(TrainerCallback):
         if getattr(args, "fsdp", None) and not procedure.supports_fsdp:
             raise ConfigError(f"procedure {name} does not support FSDP (the weights are shards there); use DDP")
         with _in_callback():
-            procedure.check_model(model)
+            procedure.check(model)
         attach_procedure(model, procedure)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):

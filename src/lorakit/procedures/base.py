@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..config import AdapterConfig
+from ..errors import ConfigError
 from ..methods.lora import LoraLayer
 from ..options import Option
 
@@ -81,6 +82,18 @@ class Procedure:
 
     def after_optimizer_step(self, state: TrainingState) -> None:
         pass
+
+    def check(self, model: nn.Module) -> None:
+        """What every procedure refuses, then the procedure's own `check_model`: called before training starts."""
+        from ..expert_lora import expert_loras
+
+        experts = next(expert_loras(model), None)
+        if experts is not None:
+            raise ConfigError(
+                f"procedure {self.name} works on the linear adapter layers, but {experts[0]} has a LoRA on its expert "
+                "parameters (target_parameters), which it would leave out; drop target_parameters or the procedure"
+            )
+        self.check_model(model)
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse (ConfigError, one line) a model this procedure cannot train, before training starts."""

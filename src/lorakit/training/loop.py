@@ -183,7 +183,7 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         raise ConfigError(flags_in_message(str(exc))) from None
     try:
         if procedure is not None:
-            procedure.check_model(model)
+            procedure.check(model)
         if cfg.optimizer == "rite":
             from ..optim.rite import factor_pairs
 
