@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import (
     UNSUPPORTED,
@@ -312,10 +313,46 @@ def test_import_of_peft_saved_modules_and_trainable_tokens(tied, tokens, tmp_pat
     _train_extras(theirs, inputs)
     theirs.save_pretrained(tmp_path / "peft")
     ours = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")
-    # PEFT matches "norm" as a plain suffix: the layer norms of every layer are saved modules too
-    saved = [name for name, _ in lorakit.saved_modules.saved_modules(ours)]
-    assert "model.norm" in saved and "model.layers.0.input_layernorm" in saved
+    # the modules PEFT wrapped are the modules lorakit trains in full: model.norm alone since PEFT 0.22 (dot boundary)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"}
+    assert {name for name, _ in lorakit.saved_modules.saved_modules(ours)} == wrapped
     torch.testing.assert_close(ours(inputs).logits, theirs.eval()(inputs).logits, atol=1e-5, rtol=0)
     lorakit.save_adapter(ours, tmp_path / "ours")
     again = lorakit.load_adapter(fresh_copy(base), tmp_path / "ours")
     assert torch.equal(again(inputs).logits, ours(inputs).logits)
+
+
+def _peft_file_with_saved_norm(tmp_path):
+    """A PEFT save with modules_to_save=["norm"] and q_proj/v_proj LoRA, its tensors, and the tiny base."""
+    base = tiny_llama()
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["norm"])
+    theirs = peft.get_peft_model(fresh_copy(base), config)
+    _train_extras(theirs, _token_inputs())
+    theirs.save_pretrained(tmp_path / "peft")
+    tensors = safetensors.torch.load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    return base, tensors
+
+
+def test_import_of_a_file_from_peft_before_0_22_takes_every_name_ending_in_the_entry(tmp_path):
+    """PEFT before 0.22 saved every module whose name ends with "norm" (the layer norms too); such a file imports
+    them all, each with the value in the file."""
+    base, tensors = _peft_file_with_saved_norm(tmp_path)
+    layer_norm = "base_model.model.model.layers.1.post_attention_layernorm.weight"
+    assert layer_norm not in tensors  # this PEFT matches at a dot boundary
+    for name, module in base.named_modules():
+        if name.endswith("norm") and name != "model.norm":
+            tensors[f"base_model.model.{name}.weight"] = module.weight.detach() + 0.5
+    safetensors.torch.save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
+    ours = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")
+    saved = {name for name, _ in lorakit.saved_modules.saved_modules(ours)}
+    assert "model.norm" in saved and "model.layers.1.post_attention_layernorm" in saved and len(saved) == 5
+    weight = ours.get_submodule("model.layers.1.post_attention_layernorm").trained.weight
+    assert torch.equal(weight.detach(), tensors[layer_norm])
+
+
+def test_import_refuses_a_saved_module_the_file_lacks(tmp_path):
+    base, tensors = _peft_file_with_saved_norm(tmp_path)
+    del tensors["base_model.model.model.norm.weight"]
+    safetensors.torch.save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
+    with pytest.raises(lorakit.errors.AdapterFileError, match="modules_to_save model.norm lacks its tensor 'weight'"):
+        lorakit.import_peft(fresh_copy(base), tmp_path / "peft")

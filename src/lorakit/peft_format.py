@@ -373,7 +373,12 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
 
 def _import_extras(model: nn.Module, peft_config: dict, tensors: dict, directory):
     """PEFT's modules_to_save and trainable tokens, taken out of `tensors`: ({module: {tensor: value}}, token ids or
-    None, {module: new rows}). Modules are selected as PEFT selects them (a name that ends with an entry)."""
+    None, {module: new rows}).
+
+    Modules are selected as the PEFT that wrote the file selected them. PEFT 0.22 matches an entry at a dot boundary
+    (`_is_valid_match` in peft/utils/other.py: "norm" is `model.norm`, not `input_layernorm`); earlier versions took
+    every name that ends with the entry, so "norm" also saved each layer's norms. A dot-boundary match must be in the
+    file; a plain-suffix match is taken when the file holds its tensors, which only a PEFT before 0.22 writes."""
     stems = {key.removeprefix(PREFIX): key for key in tensors}
     saved = {}
     patterns = peft_config.get("modules_to_save") or []
@@ -381,13 +386,15 @@ def _import_extras(model: nn.Module, peft_config: dict, tensors: dict, directory
     if patterns and not names:
         raise AdapterFileError(f"{directory}: modules_to_save {patterns} match no module of this model")
     for name in [n for n in names if saved_modules.covered(n, [m for m in names if m != n]) is None]:
-        saved[name] = {}
-        for key, value in model.get_submodule(name).state_dict().items():
-            stem = next((s for s in (f"{name}.{key}", f"{name}.{SAVED_COPY}{key}") if s in stems), None)
-            if stem is None and value.is_floating_point():
-                raise AdapterFileError(f"{directory}: modules_to_save {name} lacks its tensor {key!r}; re-save it")
-            if stem is not None:
-                saved[name][key] = tensors.pop(stems.pop(stem))
+        at_boundary = any(name == p or name.endswith("." + p) for p in patterns)
+        state = model.get_submodule(name).state_dict()
+        found = {key: stem for key in state for stem in (f"{name}.{key}", f"{name}.{SAVED_COPY}{key}") if stem in stems}
+        if not (found or at_boundary):
+            continue
+        missing = [key for key, value in state.items() if key not in found and value.is_floating_point()]
+        if missing:
+            raise AdapterFileError(f"{directory}: modules_to_save {name} lacks its tensor {missing[0]!r}; re-save it")
+        saved[name] = {key: tensors.pop(stems.pop(stem)) for key, stem in found.items()}
     indices = peft_config.get("trainable_token_indices")
     if indices is None:
         return saved, None, {}
@@ -396,7 +403,7 @@ def _import_extras(model: nn.Module, peft_config: dict, tensors: dict, directory
         indices = {embed_name: indices}
     wanted = {}
     for key, ids in indices.items() if isinstance(indices, dict) else ():
-        name = next((n for n in (embed_name, head_name) if n and n.endswith(key)), None)
+        name = next((n for n in (embed_name, head_name) if n and (n == key or n.endswith("." + key))), None)
         if name is None:
             raise AdapterFileError(
                 f"{directory}: trainable_token_indices on {key!r}, which is not the input embedding {embed_name} or "

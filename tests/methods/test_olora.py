@@ -57,23 +57,23 @@ def test_conv1d_factors_are_taken_in_linear_layout(inputs):
     torch.testing.assert_close(model_output(model, inputs), model_output(base, inputs), atol=1e-5, rtol=1e-5)
 
 
-def test_peft_olora_init_on_gpt2_conv1d_factors_the_stored_weight(inputs):
-    """README (Features, PEFT column): PEFT's `olora` init factors Conv1D's stored in×out weight as is. On c_attn
-    (32 -> 96) the factors get the wrong shapes and the first forward fails; on the square attn.c_proj it runs, but
-    the model's output moves at init. lorakit's OLoRA on the same modules leaves the output unchanged."""
+def test_olora_on_gpt2_conv1d_leaves_the_output_unchanged_as_peft_0_22_does(inputs):
+    """README (Features): OLoRA on Conv1D factors the weight in nn.Linear layout, so A is r x in and the output is
+    unchanged at init, on the non-square c_attn (32 -> 96) and the square c_proj. PEFT 0.21 factored the stored
+    in x out weight as is (A came out r x out: c_attn failed on the first forward); PEFT 0.22 does it right, and
+    this test holds both libraries to it."""
     base = tiny_gpt2()
     before = model_output(base, inputs)
     for target, in_features, out_features in (("attn.c_attn", 32, 96), ("attn.c_proj", 32, 32)):
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[target], init_lora_weights="olora")
         theirs = peft.get_peft_model(fresh_copy(base), config)
-        lora_a = theirs.base_model.model.get_submodule(f"transformer.h.0.{target}").lora_A["default"].weight
-        assert lora_a.shape == (4, out_features)  # A should be r x in: R of the QR of the stored in x out weight
-        if in_features != out_features:
-            with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-                model_output(theirs, inputs)
-        else:
-            assert (model_output(theirs, inputs) - before).abs().max() > 1e-2  # output changed at init
+        layer = theirs.base_model.model.get_submodule(f"transformer.h.0.{target}")
+        assert layer.lora_A["default"].weight.shape == (4, in_features)
+        assert layer.lora_B["default"].weight.shape == (out_features, 4)
+        torch.testing.assert_close(model_output(theirs, inputs), before, atol=1e-5, rtol=1e-5)
         ours = lorakit.adapt(fresh_copy(base), lorakit.AdapterConfig(method="olora", r=4, targets=[target]))
+        layer = ours.get_submodule(f"transformer.h.0.{target}")
+        assert layer.A0.shape == (4, in_features) and layer.B0.shape == (out_features, 4)
         torch.testing.assert_close(model_output(ours, inputs), before, atol=1e-5, rtol=1e-5)
 
 
