@@ -18,7 +18,17 @@ class AdapterFileError(LorakitError, ValueError):
 
 
 class BaseModelMismatchError(AdapterFileError):
-    """An adapter applied to a base model it was not trained on."""
+    """An adapter applied to a base model it was not trained on: `problem` (what differs) and `fix` (what to do),
+    shown as one line "problem; fix". A caller with its own remedy (a CLI flag) keeps the problem and states its own
+    fix."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}; {fix}")
+        self.problem, self.fix = problem, fix
+
+
+# the fix for weights that differ, where strict=False would apply the adapter anyway
+APPLY_ANYWAY = "or pass strict=False (CLI: --no-strict) to apply it anyway"
 
 
 class DataError(LorakitError, ValueError):

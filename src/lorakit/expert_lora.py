@@ -32,8 +32,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import swap
 from .config import AdapterConfig
-from .errors import BaseModelMismatchError, ConfigError
+from .errors import APPLY_ANYWAY, BaseModelMismatchError, ConfigError
 from .expert_parameters import expert_parameters, suffix_matches
 from .fingerprint import DIFFERENT, Fingerprint
 from .random import down_projection, generator
@@ -139,39 +140,14 @@ def build(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -
     return modules
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def install(model: nn.Module, modules: dict[str, ExpertLoRA]) -> None:
-    for name, module in modules.items():
-        _set_module(model, name, module)
-        for param in module.trainable_parameters().values():
-            param.requires_grad_(True)
-
-
-def set_disabled(model: nn.Module, disabled: bool) -> list[bool]:
-    modules = [module for _, module in expert_loras(model)]
-    previous = [module.disabled for module in modules]
-    for module in modules:
-        module.disabled = disabled
-    return previous
-
-
-def restore_disabled(model: nn.Module, previous: list[bool]) -> None:
-    for (_, module), was in zip(expert_loras(model), previous):
-        module.disabled = was
-
-
 def unload(model: nn.Module, *, keep_trained: bool = False) -> None:
     """Put each original back (`keep_trained`: with W + s·ΔW written in, as `merge_and_unload` does)."""
     for name, module in list(expert_loras(model)):
-        _set_module(model, name, module.write_delta() if keep_trained else module.original)
+        swap.set_module(model, name, module.write_delta() if keep_trained else module.original)
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, module in expert_loras(model) for p in module.trainable_parameters().values()]
+# the EXTRAS interface shared with the other wrappers (lorakit.swap)
+install, set_disabled, restore_disabled, trainable_parameters = swap.functions_for(expert_loras)
 
 
 # ----------------------------------------------------------------- the adapter file
@@ -246,7 +222,8 @@ def from_file(model: nn.Module, info: dict | None, tensors: dict, *, strict: boo
         if not fits:
             raise BaseModelMismatchError(
                 f"base model has no experts module {name!r} with the expert parameters the adapter's "
-                "target_parameters hold; load the adapter onto the base model it was trained on"
+                "target_parameters hold",
+                "load the adapter onto the base model it was trained on",
             )
         original = model.get_submodule(name)
         saved = {key: Fingerprint.from_json(fp) for key, fp in entry["base_fingerprints"].items()}
@@ -263,10 +240,7 @@ def from_file(model: nn.Module, info: dict | None, tensors: dict, *, strict: boo
             f"({len(different)} of {len(info)} experts modules differ)"
         )
         if strict:
-            raise BaseModelMismatchError(
-                f"{message}; load it onto the same base model, or pass strict=False (CLI: --no-strict) to apply it "
-                "anyway"
-            )
+            raise BaseModelMismatchError(message, f"load it onto the same base model, {APPLY_ANYWAY}")
         warnings.warn(f"{message}; applying it anyway", stacklevel=3)
     return modules
 

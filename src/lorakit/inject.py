@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import expert_lora, saved_modules, token_rows
+from . import expert_lora, saved_modules, swap, token_rows
 from .adapted import BASE_ROW_NAMES, AdaptedLayer
 from .config import AdapterConfig
 from .errors import ConfigError
@@ -167,12 +167,6 @@ def _examples(names: list[str], count: int = 6) -> str:
     return ", ".join(shown) + (", ..." if len(suffixes) > count else "")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def adapt(model: nn.Module, config: AdapterConfig, *, name: str | None = None, initialize: bool = True) -> nn.Module:
     """Wrap the modules `config` targets in adapter layers, in place; freeze everything but the adapters.
 
@@ -317,7 +311,7 @@ def install(model: nn.Module, layers: dict[str, AdapterLayer], *, name: str = DE
         module = model.get_submodule(target)
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(module)
-            _set_module(model, target, module)
+            swap.set_module(model, target, module)
         module.add(name, layer)
     shared = next((layer.shared for layer in layers.values() if layer.shared is not None), None)
     if shared is not None:
@@ -394,7 +388,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> nn.Module:
             host.remove(adapter)
             host.__dict__.pop("_route_stacks", None)
         if not host.adapters:
-            _set_module(model, target, host.base_layer)
+            swap.set_module(model, target, host.base_layer)
     if shared_parameters(model, adapter) is not None:
         delattr(model, shared_attribute(adapter))
     _set_state(model, active, trained)
@@ -504,7 +498,7 @@ def unload(model: nn.Module) -> nn.Module:
     _require_adapted(model)
     _remove_shared(model)
     for name, host in list(hosts(model)):
-        _set_module(model, name, host.restore_base())
+        swap.set_module(model, name, host.restore_base())
     remove_routing(model)
     for extra in EXTRAS:
         extra.unload(model)
@@ -534,7 +528,7 @@ def merge_and_unload(model: nn.Module, adapter: str | None = None) -> nn.Module:
     _merge_all([layer for layer in pending if not layer.merged])
     _remove_shared(model)
     for target, host in list(hosts(model)):
-        _set_module(model, target, dense.get(target, host.base_layer))
+        swap.set_module(model, target, dense.get(target, host.base_layer))
     remove_routing(model)
     for extra in EXTRAS:  # the trained copies, the embedding with its trained rows written in
         extra.unload(model, keep_trained=True)

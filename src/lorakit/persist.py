@@ -51,7 +51,7 @@ from . import __version__
 from .atomic import prepare_directory, replace_file, write_bytes, write_json
 from .base_layers import frozen_base
 from .config import AdapterConfig
-from .errors import AdapterFileError, BaseModelMismatchError, ConfigError
+from .errors import APPLY_ANYWAY, AdapterFileError, BaseModelMismatchError, ConfigError
 from .fingerprint import (
     DIFFERENT,
     RECOMPUTE_TOLERANCE,
@@ -399,14 +399,15 @@ def _compare_base(
         module = named.get(name)
         if module is None or not is_supported_layer(module):
             raise BaseModelMismatchError(
-                f"base model has no linear module {name!r} that the adapter needs; load the adapter onto the "
-                f"base model it was trained on ({metadata.get('base_model', {}).get('name_or_path') or 'see adapter.json'})"
+                f"base model has no linear module {name!r} that the adapter needs",
+                "load the adapter onto the base model it was trained on "
+                f"({metadata.get('base_model', {}).get('name_or_path') or 'see adapter.json'})",
             )
         shape = linear_shape(module)
         if shape != (info["in"], info["out"]):
             raise BaseModelMismatchError(
-                f"base module {name} is {shape[0]} -> {shape[1]} but the adapter expects {info['in']} -> {info['out']}; "
-                "load the adapter onto the base model it was trained on"
+                f"base module {name} is {shape[0]} -> {shape[1]} but the adapter expects {info['in']} -> {info['out']}",
+                "load the adapter onto the base model it was trained on",
             )
         frozen = frozen_base(module)
         current[name] = frozen_fingerprint(frozen)
@@ -437,8 +438,8 @@ def _compare_base(
         if strict:
             raise BaseModelMismatchError(
                 f"base module {name} has different weights than the adapter was trained on "
-                f"({len(different)} of {len(current)} modules differ); load it onto the same base model, or pass "
-                "strict=False (CLI: --no-strict) to apply it anyway"
+                f"({len(different)} of {len(current)} modules differ)",
+                f"load it onto the same base model, {APPLY_ANYWAY}",
             )
         warnings.warn(
             f"base module {name} has different weights than the adapter was trained on ({len(different)} of "
@@ -481,8 +482,7 @@ def check_recomputed(layers: dict, metadata: dict, *, strict: bool = True) -> tu
         )
         if strict:
             raise BaseModelMismatchError(
-                f"{message}; load it onto the {dtype} base it was trained on (or merge or export it there), or pass "
-                "strict=False (CLI: --no-strict) to apply it anyway"
+                message, f"load it onto the {dtype} base it was trained on (or merge or export it there), {APPLY_ANYWAY}"
             )
         warnings.warn(f"{message}; applying it anyway", stacklevel=3)
     return worst, changes[worst]

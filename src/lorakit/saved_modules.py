@@ -9,7 +9,7 @@ leaves the copies as they are (they are already dense: there is nothing to fold)
 input embedding is its own tensor: training it leaves the embedding alone (tied rows of new tokens: `token_rows`).
 
 Names match as `targets` do: a module whose full name is the suffix or ends in "." + suffix ("norm" selects
-`model.norm`, not `input_layernorm`; PEFT's own matching has no dot boundary). The adapter file stores each copy's
+`model.norm`, not `input_layernorm`, as PEFT 0.22 matches; earlier PEFT had no dot boundary). The adapter file stores each copy's
 floating tensors and a fingerprint (`lorakit.fingerprint`) of each tensor of the ORIGINAL, so a load onto another
 base is refused (strict) or warned about as for the adapted layers; the same weights in another dtype pass.
 """
@@ -23,8 +23,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import swap
 from .config import AdapterConfig
-from .errors import BaseModelMismatchError, ConfigError
+from .errors import APPLY_ANYWAY, BaseModelMismatchError, ConfigError
 from .fingerprint import DIFFERENT, Fingerprint
 
 FILE_KEY = "modules_to_save"  # the adapter.json section, and the prefix of the tensors in adapter.safetensors
@@ -95,40 +96,15 @@ def build(model: nn.Module, names: list[str], fingerprints: dict | None = None) 
     return {name: SavedModule(model.get_submodule(name), name, fingerprints.get(name)) for name in names}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def install(model: nn.Module, modules: dict[str, SavedModule]) -> None:
-    for name, module in modules.items():
-        _set_module(model, name, module)
-        for param in module.trainable_parameters().values():
-            param.requires_grad_(True)
-
-
-def set_disabled(model: nn.Module, disabled: bool) -> list[bool]:
-    """Set every saved module's `disabled`; returns the previous values (for `restore_disabled`)."""
-    modules = [module for _, module in saved_modules(model)]
-    previous = [module.disabled for module in modules]
-    for module in modules:
-        module.disabled = disabled
-    return previous
-
-
-def restore_disabled(model: nn.Module, previous: list[bool]) -> None:
-    for (_, module), was in zip(saved_modules(model), previous):
-        module.disabled = was
-
 
 def unload(model: nn.Module, *, keep_trained: bool = False) -> None:
     """Put each original back (`keep_trained`: each trained copy, as `merge_and_unload` does)."""
     for name, module in list(saved_modules(model)):
-        _set_module(model, name, module.trained if keep_trained else module.original)
+        swap.set_module(model, name, module.trained if keep_trained else module.original)
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, module in saved_modules(model) for p in module.trainable_parameters().values()]
+# the EXTRAS interface shared with the other wrappers (lorakit.swap)
+install, set_disabled, restore_disabled, trainable_parameters = swap.functions_for(saved_modules)
 
 
 # ----------------------------------------------------------------- the adapter file
@@ -189,8 +165,8 @@ def from_file(model: nn.Module, info: dict | None, tensors: dict, *, strict: boo
         shapes = {key: list(value.shape) for key, value in floating.items()}
         if module is None or shapes != entry["tensors"]:
             raise BaseModelMismatchError(
-                f"base model has no module {name!r} of the shapes the adapter's modules_to_save holds; load the "
-                "adapter onto the base model it was trained on"
+                f"base model has no module {name!r} of the shapes the adapter's modules_to_save holds",
+                "load the adapter onto the base model it was trained on",
             )
         saved = {key: Fingerprint.from_json(fp) for key, fp in entry["base_fingerprints"].items()}
         if any(saved[key].compare(Fingerprint.of(value))[0] == DIFFERENT for key, value in floating.items()):
@@ -202,10 +178,7 @@ def from_file(model: nn.Module, info: dict | None, tensors: dict, *, strict: boo
             f"{len(info)} modules_to_save differ)"
         )
         if strict:
-            raise BaseModelMismatchError(
-                f"{message}; load it onto the same base model, or pass strict=False (CLI: --no-strict) to apply it "
-                "anyway"
-            )
+            raise BaseModelMismatchError(message, f"load it onto the same base model, {APPLY_ANYWAY}")
         warnings.warn(f"{message}; applying it anyway", stacklevel=3)
     modules = {}
     for name, entry in info.items():

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import swap
 from .config import AdapterConfig
-from .errors import BaseModelMismatchError, ConfigError
+from .errors import APPLY_ANYWAY, BaseModelMismatchError, ConfigError
 from .fingerprint import DIFFERENT, Fingerprint
 
 FILE_KEY = "trainable_tokens"  # the adapter.json section, and the prefix of its tensors
@@ -151,41 +152,17 @@ def build(model: nn.Module, config: AdapterConfig, targets: list[str], saved: li
     return rows
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def install(model: nn.Module, modules: dict[str, _Rows]) -> None:
-    for name, module in modules.items():
-        _set_module(model, name, module)
-        for param in module.trainable_parameters().values():
-            param.requires_grad_(True)
-
-
-def set_disabled(model: nn.Module, disabled: bool) -> list[bool]:
-    modules = [module for _, module in token_rows(model)]
-    previous = [module.disabled for module in modules]
-    for module in modules:
-        module.disabled = disabled
-    return previous
-
-
-def restore_disabled(model: nn.Module, previous: list[bool]) -> None:
-    for (_, module), was in zip(token_rows(model), previous):
-        module.disabled = was
-
 
 def unload(model: nn.Module, *, keep_trained: bool = False) -> None:
     """Put the embedding and head back (`keep_trained`: with the trained rows written in, as merge_and_unload)."""
     for name, module in list(token_rows(model)):
         if keep_trained and "rows" in module._parameters:
             module.write_rows()  # a tied head shares the embedding's weight, written once
-        _set_module(model, name, module.base)
+        swap.set_module(model, name, module.base)
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, module in token_rows(model) for p in module.trainable_parameters().values()]
+# the EXTRAS interface shared with the other wrappers (lorakit.swap)
+install, set_disabled, restore_disabled, trainable_parameters = swap.functions_for(token_rows)
 
 
 # ----------------------------------------------------------------- the adapter file
@@ -262,15 +239,16 @@ def from_file(model: nn.Module, info: dict | None, tensors: dict, *, strict: boo
             now = "none" if module is None or not hasattr(module, "weight") else f"{tuple(module.weight.shape)}"
             raise BaseModelMismatchError(
                 f"base module {name} is {now} but the adapter's trainable tokens need it to be "
-                f"{tuple(entry['rows'])}; load it onto the base model it was trained on (with added tokens: the "
-                "tokenizer saved beside the adapter, and model.resize_token_embeddings(len(tokenizer)))"
+                f"{tuple(entry['rows'])}",
+                "load it onto the base model it was trained on (with added tokens: the tokenizer saved beside the "
+                "adapter, and model.resize_token_embeddings(len(tokenizer)))",
             )
         tied = entry["kind"] == "head" and module.weight is named[embed_entry].weight
         if entry["kind"] == "head" and tied != info["tied"]:
             raise BaseModelMismatchError(
                 f"the adapter was trained with {name} {'tied' if info['tied'] else 'not tied'} to the input "
-                f"embedding, and this base has it {'tied' if tied else 'not tied'}; load it onto the base model it "
-                "was trained on"
+                f"embedding, and this base has it {'tied' if tied else 'not tied'}",
+                "load it onto the base model it was trained on",
             )
         saved = Fingerprint.from_json(entry["base_fingerprint"])
         ids = torch.tensor(info["ids"], dtype=torch.long, device=module.weight.device)
@@ -287,7 +265,8 @@ def from_file(model: nn.Module, info: dict | None, tensors: dict, *, strict: boo
     if embed_entry != embed_name or (heads and heads != [head_name]):
         raise BaseModelMismatchError(
             f"the adapter's trainable tokens are on {sorted(modules)}, which are not this model's input embedding "
-            "and output head; load it onto the base model it was trained on"
+            "and output head",
+            "load it onto the base model it was trained on",
         )
     if different:
         message = (
@@ -295,10 +274,7 @@ def from_file(model: nn.Module, info: dict | None, tensors: dict, *, strict: boo
             "tokens that do not train)"
         )
         if strict:
-            raise BaseModelMismatchError(
-                f"{message}; load it onto the same base model, or pass strict=False (CLI: --no-strict) to apply it "
-                "anyway"
-            )
+            raise BaseModelMismatchError(message, f"load it onto the same base model, {APPLY_ANYWAY}")
         warnings.warn(f"{message}; applying it anyway", stacklevel=3)
     return modules
 

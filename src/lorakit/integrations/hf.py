@@ -394,7 +394,7 @@ def _check_base(layers, modules: dict, where: str, strict: bool) -> None:
             f"{len(layers)} modules differ)"
         )
         if strict:
-            raise BaseModelMismatchError(message + "; adapt the same base model, or pass strict=False")
+            raise BaseModelMismatchError(message, "adapt the same base model, or pass strict=False")
         warnings.warn(message + "; loading it anyway", stacklevel=4)
     if other_dtype:
         saved_dtype, now_dtype = other_dtype[0]

@@ -99,8 +99,8 @@ def restore_links(name: str, layer, tensors: dict[str, torch.Tensor]) -> None:
         if change > RECOMPUTE_TOLERANCE:
             raise BaseModelMismatchError(
                 f"{layer.method} rebuilds the live link's frozen factors from the base plus the finished links, and "
-                f"on this base they change {layer.recomputed_part} of {name} by about {change:.0%}; resume on the "
-                "base the run was trained on"
+                f"on this base they change {layer.recomputed_part} of {name} by about {change:.0%}",
+                "resume on the base the run was trained on",
             )
 
 

@@ -379,9 +379,8 @@ def _load_frozen(base, frozen: list[str]):
         try:
             model = load_adapter(model, path, name=name)
         except BaseModelMismatchError as exc:  # its fix names load_adapter's strict=, which train does not have
-            problem = str(exc).split("; ", 1)[0]
             raise BaseModelMismatchError(
-                f"--frozen-adapter {path}: {problem}; train on the base model it was trained on (--model)"
+                f"--frozen-adapter {path}: {exc.problem}", "train on the base model it was trained on (--model)"
             ) from None
     return model
 
