@@ -1,12 +1,14 @@
-"""LoRA on 3-D expert parameters (`AdapterConfig(target_parameters=...)`, lorakit.expert_lora), against PEFT 0.21's
-`target_parameters` as the oracle, on transformers 5's Mixtral and Qwen3-MoE (experts as stacked parameters)."""
+"""LoRA on 3-D expert parameters (`AdapterConfig(target_parameters=...)`, lorakit.expert_lora), against PEFT's
+`target_parameters` (0.21 and 0.22) as the oracle, PEFT export and import included, on transformers 5's Mixtral and Qwen3-MoE (experts as stacked parameters)."""
 
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
+import safetensors.torch
 import torch
 from architectures import mixtral, qwen3_moe
 
@@ -143,9 +145,6 @@ def test_bad_target_parameters_are_refused_before_anything_changes(moe, override
 
 def test_what_does_not_take_an_expert_lora_refuses_it(moe, tmp_path):
     model = _adapted(moe)
-    with pytest.raises(lorakit.ConfigError, match="does not export to PEFT yet"):
-        lorakit.export_peft(model, tmp_path / "peft")
-    assert not (tmp_path / "peft").exists()
     with pytest.raises(lorakit.ConfigError, match="belong to a model's first adapter only"):
         lorakit.adapt(model, _config(), name="second")
     from lorakit.procedures import PROCEDURES
@@ -153,3 +152,73 @@ def test_what_does_not_take_an_expert_lora_refuses_it(moe, tmp_path):
     with pytest.raises(lorakit.ConfigError, match="procedure flat works on the linear adapter layers"):
         PROCEDURES["flat"]({}).check(model)
     assert isinstance(dict(expert_loras(model))["model.layers.0.mlp.experts"], ExpertLoRA)
+
+
+def _peft_logits(moe, directory):
+    peft = pytest.importorskip("peft")
+    return _logits(peft.PeftModel.from_pretrained(copy.deepcopy(moe), directory).eval())
+
+
+@pytest.mark.parametrize("params", [EXPERT_PARAMS, EXPERT_PARAMS[::-1], ["experts.down_proj"]],
+                         ids=["both", "both-reversed", "one"])  # fmt: skip
+def test_peft_export_loads_in_peft_with_equal_logits(moe, params, tmp_path):
+    """PEFT nests one wrapper per parameter in the module's own parameter order, whatever order the config names
+    them in: the file keys follow that order (expert_lora.peft_key)."""
+    model = _adapted(moe, target_parameters=params)
+    lorakit.export_peft(model, tmp_path / "peft")
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert len(written["target_parameters"]) == 2 * len(params)  # full names, two layers
+    assert (_logits(model) - _logits(moe)).abs().max() > 1e-3
+    torch.testing.assert_close(_peft_logits(moe, tmp_path / "peft"), _logits(model), rtol=0, atol=1e-5)
+
+
+def test_peft_export_with_another_expert_rank_writes_a_rank_pattern(moe, tmp_path):
+    model = _adapted(moe)
+    experts = dict(expert_loras(model))
+    for name, module in experts.items():  # the experts at rank 3, the attention at rank 2
+        wider = ExpertLoRA(module.original, name, module.params, 3, module.scale)
+        wider.initialize(1)
+        with torch.no_grad():
+            for key in wider.params:
+                wider.B[key].normal_(0, 0.05)
+        lorakit.swap.set_module(model, name, wider)
+    lorakit.export_peft(model, tmp_path / "peft")
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert {written["r"], *written["rank_pattern"].values()} == {2, 3}  # the most common rank is the default
+    torch.testing.assert_close(_peft_logits(moe, tmp_path / "peft"), _logits(model), rtol=0, atol=1e-5)
+
+
+def test_import_of_peft_target_parameters_gives_peft_logits_and_saves(moe, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=EXPERT_PARAMS)
+    theirs = peft.get_peft_model(copy.deepcopy(moe), config)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorakit.import_peft(copy.deepcopy(moe), tmp_path / "peft").eval()
+    assert sorted(dict(expert_loras(ours))) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    expected = _logits(theirs.eval())
+    assert (expected - _logits(moe)).abs().max() > 1e-3
+    torch.testing.assert_close(_logits(ours), expected, rtol=0, atol=1e-5)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    assert torch.equal(_logits(lorakit.load_adapter(copy.deepcopy(moe), tmp_path / "ours").eval()), _logits(ours))
+
+
+def test_import_refuses_a_target_parameters_file_that_does_not_fit(moe, tmp_path):
+    model = _adapted(moe)
+    lorakit.export_peft(model, tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    key = "base_model.model.model.layers.1.mlp.experts.lora_A.weight"
+    tensors[key] = tensors[key][:-1]
+    safetensors.torch.save_file(tensors, weights)
+    with pytest.raises(lorakit.AdapterFileError, match=r"experts.down_proj needs lora_A \(8, \d+\) .*; the file has \(7, "):
+        lorakit.import_peft(copy.deepcopy(moe), tmp_path / "peft")
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    written["target_modules"], written["target_parameters"] = None, ["experts.up_proj"]
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(written))
+    with pytest.raises(lorakit.AdapterFileError, match="'experts.up_proj' matches no 3-D expert parameter"):
+        lorakit.import_peft(copy.deepcopy(moe), tmp_path / "peft")

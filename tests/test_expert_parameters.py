@@ -86,25 +86,21 @@ def test_targets_naming_experts_are_refused_in_one_line(moe, targets, start, met
         lorakit.adapt(model, lorakit.AdapterConfig(method=method, r=4, targets=targets))
     message = str(error.value)
     assert message.startswith(start) and "\n" not in message
-    assert "in the Python API's target_parameters" in message and message.endswith("target linear modules such as q_proj, k_proj, "
+    assert "in target_parameters (CLI: --target-parameters)" in message and message.endswith("target linear modules such as q_proj, k_proj, "
                                                                    "v_proj, o_proj, lm_head")
     assert not list(lorakit.adapter_layers(model))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_a_peft_adapter_on_expert_parameters_is_refused_not_half_imported(moe, tmp_path):
-    """PEFT 0.21 adapts the experts with target_parameters (per expert e: ΔW_e = B_e A_e, lora_A (E·r x in), lora_B
-    (out x E·r)); importing only the attention part of such an adapter would silently drop the experts' update."""
+def test_a_peft_adapter_on_expert_parameters_is_imported_whole_not_half(moe, tmp_path):
+    """PEFT adapts the experts with target_parameters (per expert e: ΔW_e = B_e A_e, lora_A (E·r x in), lora_B
+    (out x E·r)); importing only the attention part of such an adapter would silently drop the experts' update, so
+    every experts module it names gets its LoRA (values: tests/test_expert_lora.py)."""
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts.down_proj"])
     tuned = peft.get_peft_model(copy.deepcopy(moe), config)
     tuned.save_pretrained(tmp_path / "peft")
-    base = copy.deepcopy(moe)
-    with pytest.raises(lorakit.AdapterFileError) as error:
-        lorakit.import_peft(base, tmp_path / "peft")
-    message = str(error.value)
-    assert message == (
-        f"{tmp_path / 'peft' / 'adapter_config.json'}: target_parameters ['experts.down_proj'] (LoRA on 3-D parameters such as "
-        "mixture-of-experts weights) cannot be imported; lorakit adapts linear layers only, so load it in PEFT"
-    )
-    assert not list(lorakit.adapter_layers(base))
+    model = lorakit.import_peft(copy.deepcopy(moe), tmp_path / "peft")
+    experts = dict(lorakit.expert_lora.expert_loras(model))
+    assert sorted(experts) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(module.params == ["down_proj"] for module in experts.values())

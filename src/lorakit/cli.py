@@ -83,6 +83,13 @@ def add_train_arguments(p, *, compare: bool = False) -> None:
         help="module-name suffixes trained in full beside the adapters (e.g. lm_head, score); saved in the adapter",
     )
     p.add_argument(
+        "--target-parameters",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="3-D expert parameters of mixture-of-experts layers (e.g. experts.gate_up_proj,experts.down_proj) that "
+        "get a LoRA per expert beside --targets (method lora; PEFT's target_parameters)",
+    )
+    p.add_argument(
         "--add-tokens",
         default=None,
         metavar="TOK[,TOK]",

@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from . import swap
 from .config import AdapterConfig
-from .errors import APPLY_ANYWAY, BaseModelMismatchError, ConfigError
+from .errors import APPLY_ANYWAY, AdapterFileError, BaseModelMismatchError, ConfigError
 from .expert_parameters import expert_parameters, suffix_matches
 from .fingerprint import DIFFERENT, Fingerprint
 from .random import down_projection, generator
@@ -251,3 +251,67 @@ def load_into(model: nn.Module, tensors: dict) -> None:
         with torch.no_grad():
             for key, param in module.trainable_parameters().items():
                 param.copy_(tensors[f"{FILE_KEY}.{name}.{key}"])
+
+
+# ----------------------------------------------------------------- PEFT's format
+# PEFT (peft/tuners/tuners_utils.py, `_inject_parameters`) wraps a module once per targeted parameter, in the order
+# of the module's own `named_parameters(recurse=False)`: the first is innermost, so in the file the last one's factors
+# are "<module>.lora_A.weight", the one before "<module>.base_layer.lora_A.weight", and so on. Its pattern key for
+# rank_pattern / alpha_pattern is "<module>.<parameter>".
+def peft_order(original: nn.Module, params: list[str]) -> list[str]:
+    """`params` in the order PEFT nests their wrappers (innermost first)."""
+    return [key for key, _ in original.named_parameters(recurse=False) if key in params]
+
+
+def peft_key(name: str, order: list[str], key: str, factor: str) -> str:
+    """The file key (without "base_model.model.") of `factor` ("lora_A" / "lora_B") of parameter `key`."""
+    return f"{name}.{'base_layer.' * (len(order) - 1 - order.index(key))}{factor}.weight"
+
+
+def to_peft(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+    """(PEFT's tensors of every expert LoRA, {"<module>.<parameter>": (r, scale)}).
+    lora_A = A.reshape(E·r, in), lora_B = B.permute(1, 2, 0).reshape(out, r·E)."""
+    tensors, shapes = {}, {}
+    for name, module in expert_loras(model):
+        order = peft_order(module.original, module.params)
+        for key in order:
+            a, b = module.A[key].detach(), module.B[key].detach()
+            tensors[peft_key(name, order, key, "lora_A")] = a.reshape(-1, a.shape[-1])
+            tensors[peft_key(name, order, key, "lora_B")] = b.permute(1, 2, 0).reshape(b.shape[1], -1)
+            shapes[f"{name}.{key}"] = (module.r, module.scale)
+    return tensors, shapes
+
+
+def from_peft(model: nn.Module, target_parameters: list[str], take, shape_of) -> dict[str, ExpertLoRA]:
+    """Build (not install) the expert LoRAs of a PEFT file. `take(key)` pops a file tensor (None if absent);
+    `shape_of("<module>.<parameter>")` gives PEFT's (r, scale) for it. Raises AdapterFileError naming what is wrong."""
+    config = AdapterConfig(method="lora", r=1, targets=["unused"], target_parameters=target_parameters)
+    try:
+        chosen = find(model, config)
+    except ConfigError as exc:
+        raise AdapterFileError(str(exc)) from None
+    modules = {}
+    for name, params in chosen.items():
+        original = model.get_submodule(name)
+        order = peft_order(original, params)
+        ranks = {shape_of(f"{name}.{key}") for key in order}
+        if len(ranks) > 1:
+            raise AdapterFileError(f"{name}: its expert parameters have different ranks or alphas {sorted(ranks)}; "
+                                   "lorakit gives one experts module one rank: re-train it with one")  # fmt: skip
+        (r, scale), = ranks
+        module = ExpertLoRA(original, name, order, r, scale)
+        for key in order:
+            weight = getattr(original, key)
+            experts, out, inp = weight.shape
+            a, b = take(peft_key(name, order, key, "lora_A")), take(peft_key(name, order, key, "lora_B"))
+            if a is None or b is None or tuple(a.shape) != (experts * r, inp) or tuple(b.shape) != (out, r * experts):
+                raise AdapterFileError(
+                    f"{name}.{key} needs lora_A {(experts * r, inp)} and lora_B {(out, r * experts)} for rank {r} "
+                    "per expert; the file " + ("lacks them" if a is None or b is None else
+                                               f"has {tuple(a.shape)} and {tuple(b.shape)}")  # fmt: skip
+                )
+            with torch.no_grad():
+                module.A[key].copy_(a.reshape(experts, r, inp))
+                module.B[key].copy_(b.reshape(out, r, experts).permute(2, 0, 1))
+        modules[name] = module
+    return modules

@@ -70,8 +70,8 @@ def refuse_expert_targets(model: nn.Module, targets: list[str], linear_names: li
             else:
                 continue
             raise ConfigError(
-                f"target {target!r} is {what}: targets are linear layers; name {it} in the Python API's "
-                f"target_parameters for a LoRA per expert, and target linear modules such as {hint}"
+                f"target {target!r} is {what}: targets are linear layers; name {it} in target_parameters (CLI: "
+                f"--target-parameters) for a LoRA per expert, and target linear modules such as {hint}"
             )
 
 

@@ -75,12 +75,6 @@ def _task_type(model: nn.Module) -> str | None:
 def export_peft(model: nn.Module, directory) -> Path:
     """Write the adapter as a PEFT LoRA adapter relative to the original base model; returns the directory."""
     layers = _require_adapted(model)
-    experts = next(expert_lora.expert_loras(model), None)
-    if experts is not None:
-        raise ConfigError(
-            f"{experts[0]} has a LoRA on its expert parameters (target_parameters), which lorakit does not export to "
-            "PEFT yet; use `lorakit merge` to write a full merged model instead"
-        )
     config = layers[0][1].config
     tensors, shapes = {}, {}
     for name, layer in layers:
@@ -95,6 +89,10 @@ def export_peft(model: nn.Module, directory) -> Path:
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.to("cpu", torch.float32).contiguous()
         rank = a.shape[0]  # PEFT's scale is alpha/r (alpha/sqrt(r) with rsLoRA): choose alpha to give ours
         shapes[name] = (rank, layer.scale * (math.sqrt(rank) if config.rslora else rank))
+    expert_tensors, expert_shapes = expert_lora.to_peft(model)  # target_parameters: PEFT's nested layout
+    tensors.update({PREFIX + key: value.to("cpu", torch.float32).contiguous() for key, value in expert_tensors.items()})
+    for key, (rank, scale) in expert_shapes.items():
+        shapes[key] = (rank, scale * (math.sqrt(rank) if config.rslora else rank))
     # the most common (rank, alpha) is the default; other modules (IncreLoRA, MoRA's sharing) get patterns
     rank, alpha = Counter(shapes.values()).most_common(1)[0][0]
     rank_pattern = {re.escape(n): r for n, (r, _) in shapes.items() if r != rank}
@@ -111,6 +109,7 @@ def export_peft(model: nn.Module, directory) -> Path:
         "use_rslora": config.rslora,
         "lora_dropout": config.dropout,
         "target_modules": _target_modules(model, names),
+        "target_parameters": list(expert_shapes) or None,
         "fan_in_fan_out": fan_in_fan_out == {True},
         "bias": "none",
         "init_lora_weights": True,
@@ -206,11 +205,9 @@ def _refuse_unsupported(peft_config: dict, where) -> None:
             isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in pattern.values()
         ):
             raise AdapterFileError(f"{where}: {key} must map module patterns to positive numbers; re-save it with PEFT")
-    if peft_config.get("target_parameters"):
-        raise AdapterFileError(
-            f"{where}: target_parameters {peft_config['target_parameters']} (LoRA on 3-D parameters such as "
-            "mixture-of-experts weights) cannot be imported; lorakit adapts linear layers only, so load it in PEFT"
-        )
+    targets = peft_config.get("target_parameters")
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) and t for t in targets)):
+        raise AdapterFileError(f"{where}: target_parameters must be a list of parameter names; re-save it with PEFT")
     for key in ("layer_replication", "megatron_config", "loftq_config"):
         if peft_config.get(key):
             raise AdapterFileError(f"{where}: {key} is not supported by lorakit")
@@ -279,8 +276,12 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
     peft_config, tensors = _read_peft(directory)
     kind = _init_kind(peft_config, Path(directory) / PEFT_CONFIG, bool(peft_config.get("fan_in_fan_out")))
     _refuse_unsupported(peft_config, Path(directory) / PEFT_CONFIG)
+    r = peft_config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterFileError(f"{directory}: adapter_config.json has invalid r={r!r}")
     tensors = dict(tensors)
     saved, token_ids, new_rows = _import_extras(model, peft_config, tensors, directory)  # takes their tensors
+    experts = _import_experts(model, peft_config, tensors, directory, kind)  # takes theirs too
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         stem = key.removeprefix(PREFIX)
@@ -296,9 +297,11 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
             raise AdapterFileError(
                 f"{directory}: tensor {key!r} is not a LoRA A/B weight of a linear layer; lorakit cannot import it"
             )
-    r = peft_config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterFileError(f"{directory}: adapter_config.json has invalid r={r!r}")
+    if not factors:
+        raise AdapterFileError(
+            f"{directory}: the adapter has no LoRA on a linear layer (target_modules); lorakit needs at least one "
+            "beside target_parameters, so load it in PEFT"
+        )
     rank_pattern, alpha_pattern = peft_config.get("rank_pattern") or {}, peft_config.get("alpha_pattern") or {}
     alpha = peft_config.get("lora_alpha", 8)
     shapes = {
@@ -329,6 +332,7 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
                 targets=sorted(factors),
                 modules_to_save=sorted(saved) or None,
                 trainable_tokens=token_ids,
+                target_parameters=peft_config.get("target_parameters") or None,
             )
             configs.update(dict.fromkeys(names, config))
             # OLoRA's initialize() computes (A0, B0) from the base, as PEFT's init does on load
@@ -360,6 +364,7 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
             a0, b0 = pissa_start(layer.base_weight_linear(), shapes[name][0], layer.scale)
             a, b = torch.cat([a.to(a0), a0]), torch.cat([b.to(b0), -b0], dim=1)
         layer.load_tensors({"A": a, "B": b})
+    expert_lora.install(model, experts)
     saved_modules.install(model, saved_built)
     for name, values in saved.items():
         saved_built[name].load_tensors(values)
@@ -369,6 +374,34 @@ def import_peft(model: nn.Module, directory) -> nn.Module:
             if "rows" in rows_built[name]._parameters:  # a tied head uses the embedding's
                 rows_built[name].rows.copy_(value)
     return model
+
+
+def _import_experts(model: nn.Module, peft_config: dict, tensors: dict, directory, kind: str) -> dict:
+    """PEFT's target_parameters (a LoRA per expert), taken out of `tensors`: {experts module: ExpertLoRA}."""
+    targets = peft_config.get("target_parameters")
+    if not targets:
+        return {}
+    if kind != "lora":
+        raise AdapterFileError(
+            f"{directory}: init_lora_weights={peft_config.get('init_lora_weights')!r} with target_parameters is not "
+            "supported; lorakit imports a plain LoRA on expert parameters"
+        )
+    stems = {key.removeprefix(PREFIX): key for key in tensors}
+    r, alpha = peft_config.get("r"), peft_config.get("lora_alpha", 8)
+    root = math.sqrt if peft_config.get("use_rslora") else (lambda rank: rank)
+
+    def shape_of(name: str) -> tuple[int, float]:
+        rank = pattern_value(peft_config.get("rank_pattern") or {}, name, r)
+        return rank, pattern_value(peft_config.get("alpha_pattern") or {}, name, alpha) / root(rank)
+
+    def take(key: str):
+        stem = next((s for s in (key, key.replace(".weight", ".default.weight")) if s in stems), None)
+        return None if stem is None else tensors.pop(stems.pop(stem))
+
+    try:
+        return expert_lora.from_peft(model, targets, take, shape_of)
+    except AdapterFileError as exc:
+        raise AdapterFileError(f"PEFT adapter at {directory} does not fit this model: {exc}") from None
 
 
 def _import_extras(model: nn.Module, peft_config: dict, tensors: dict, directory):

@@ -88,3 +88,35 @@ def test_classification_on_a_model_directory(arch, tokenizer, tmp_path, isolated
     assert cli.main(["eval", "--model", str(tmp_path / "model"), "--adapter", str(out / "adapter"), "--data",
                      str(data), "--max-length", "16"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == pytest.approx(summary["accuracy"])
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3-moe"])
+def test_train_with_target_parameters_trains_a_lora_per_expert_and_exports_it(arch, tokenizer, instruction_file,
+                                                                             tmp_path, isolated_cli, capsys):
+    """--target-parameters: a LoRA per expert on the 3-D expert parameters beside --targets; the adapter is saved
+    with them, `lorakit eval` loads it, and `lorakit export-peft` writes PEFT's target_parameters."""
+    build_architecture_dir(tmp_path / "model", arch, tokenizer=tokenizer)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tmp_path / "model"), "--data", str(instruction_file), "--rank", "2", "--steps",
+            "2", "--batch-size", "2", "--max-length", "32", "--lr", "1e-2", "--eval-limit", "2", "--quiet",
+            "--targets", "q_proj,v_proj", "--target-parameters", "experts.gate_up_proj,experts.down_proj",
+            "--out", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    adapter = json.loads((out / "adapter" / "adapter.json").read_text())
+    experts = adapter["target_parameters"]
+    assert sorted(experts) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(entry["parameters"] == ["gate_up_proj", "down_proj"] for entry in experts.values())
+    summary = json.loads((out / "summary.json").read_text())
+    in_experts = sum(d for entry in experts.values() for shape in entry["tensors"].values() for d in [_numel(shape)])
+    assert summary["trainable_parameters"] > in_experts > 0
+    export = ["export", "--model", str(tmp_path / "model"), "--adapter", str(out / "adapter"), "--out", str(tmp_path / "peft")]
+    assert cli.main(export) == 0, capsys.readouterr().err
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert len(written["target_parameters"]) == 4 and written["target_modules"] == ["q_proj", "v_proj"]
+
+
+def _numel(shape):
+    count = 1
+    for d in shape:
+        count *= d
+    return count

@@ -37,6 +37,7 @@ class TrainConfig:
     alpha: float | None = None
     targets: str = "all-linear"
     modules_to_save: str | None = None  # comma-separated module-name suffixes trained in full (lorakit.saved_modules)
+    target_parameters: str | None = None  # comma-separated 3-D expert parameters with a LoRA per expert (expert_lora)
     add_tokens: str | None = None  # comma-separated tokens added to the tokenizer, their rows trained (token_rows)
     dropout: float = 0.0
     rslora: bool = False
@@ -127,6 +128,7 @@ class TrainConfig:
                 "'<tool>,</tool>'"
             )
         whole = [flag for flag, used in (("--modules-to-save", self.modules_to_save), ("--add-tokens", self.add_tokens),
+                                         ("--target-parameters", self.target_parameters),
                                          ("--task classification", self.task == "classification")) if used]  # fmt: skip
         if self.fsdp and whole:  # full_adapter gathers the adapter layers' shards only
             raise ConfigError(
@@ -156,6 +158,7 @@ class TrainConfig:
                 mini_outer=self.mini_outer,
                 extra=parse_option_strings(self.option),
                 modules_to_save=parse_names(self.modules_to_save) if self.modules_to_save is not None else None,
+                target_parameters=parse_names(self.target_parameters) if self.target_parameters is not None else None,
             )
         except ConfigError as exc:
             raise ConfigError(flags_in_message(str(exc))) from None
@@ -189,7 +192,7 @@ def _check_frozen_adapters(cfg: TrainConfig) -> None:
     beside = [flag for flag, used in (
         ("--procedure", cfg.procedure), ("--fsdp", cfg.fsdp), ("--optimizer rite", cfg.optimizer == "rite"),
         ("--task classification", cfg.task == "classification"), ("--add-tokens", cfg.add_tokens),
-        ("--modules-to-save", cfg.modules_to_save),
+        ("--modules-to-save", cfg.modules_to_save), ("--target-parameters", cfg.target_parameters),
     ) if used]  # fmt: skip
     if beside:
         raise ConfigError(
@@ -234,6 +237,7 @@ FLAG_NAMES = {
     "dropout": "--dropout",
     "targets": "--targets",
     "modules_to_save": "--modules-to-save",
+    "target_parameters": "--target-parameters",
 }
 
 
@@ -245,6 +249,7 @@ def flags_in_message(message: str) -> str:
         message = re.sub(rf"(?<![\w-]){field}=", f"{flag} ", message)
         message = re.sub(rf"(?<=use ){field} <=", f"{flag} <=", message)
         message = re.sub(rf"^{field} ", f"{flag} ", message)
+        message = re.sub(rf"(?<=drop ){field}\b", flag, message)
     return message
 
 
