@@ -155,3 +155,29 @@ def test_rho_zero_and_the_first_step_add_no_noise(inputs):
     assert torch.equal(model_output(model, inputs), clean)
     FlatLora({}).before_step(state(model, 0))  # f(0) = 0
     assert torch.equal(model_output(model, inputs), clean)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_before_step_fills_reused_buffers_with_the_same_noise_whatever_the_threads(threads):
+    """before_step draws every layer's z (in parallel threads on a CPU, one generator per layer) into buffers it
+    keeps from step to step: W + ε is bit-equal to the sequential W + sample(), and step 4 reuses step 3's memory."""
+    model = adapted()
+    flat, previous = FlatLora({}), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        flat.before_step(state(model, 3))
+        first = {name: layer.weight_noise.perturbed(layer.base_weight_linear()) for name, layer in lorakit.adapter_layers(model)}
+        factor = noise_scale(3, 10) * 0.05  # f(t)·ρ, ρ's default
+        for name, layer in lorakit.adapter_layers(model):
+            expected = layer.base_weight_linear() + flat.draw(layer, name, factor, state(model, 3))
+            assert torch.equal(first[name], expected), name
+            assert first[name].data_ptr() == flat.buffers[name].data_ptr()
+        pointers = {name: t.data_ptr() for name, t in first.items()}
+        flat.after_backward(state(model, 3))
+        flat.before_step(state(model, 4))
+        for name, layer in lorakit.adapter_layers(model):
+            again = layer.weight_noise.perturbed(layer.base_weight_linear())
+            assert again.data_ptr() == pointers[name]  # the same buffer, refilled
+            assert torch.equal(again, layer.base_weight_linear() + layer.weight_noise.sample(again.dtype))
+    finally:
+        torch.set_num_threads(previous)
