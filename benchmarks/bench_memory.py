@@ -138,6 +138,8 @@ def child(model_name: str, setting: str, tool: str, steps: int) -> dict:
     model.to(device)
     if options.get("checkpointing"):
         enable_gradient_checkpointing(model.base_model.model if tool == "peft" else model)
+    elif tool == "lorakit":  # what `lorakit train` does without checkpointing (lorakit.recompute)
+        lorakit.recompute_adapter_inputs(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None

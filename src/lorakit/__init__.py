@@ -31,6 +31,7 @@ from .layer import AdapterLayer
 from .methods import METHODS
 from .peft_format import export_peft, import_peft
 from .persist import load_adapter, read_adapter, save_adapter
+from .recompute import recompute_adapter_inputs
 from .routing import mixed_batch
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "import_peft",
     "load_adapter",
     "read_adapter",
+    "recompute_adapter_inputs",
     "save_adapter",
     "merge",
     "merge_and_unload",

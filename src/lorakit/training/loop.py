@@ -27,6 +27,7 @@ from ..models import load_model
 from ..persist import load_adapter, read_adapter, save_adapter
 from ..procedures.base import TrainingState
 from ..quantize import model_quantization, quantize_model
+from ..recompute import recompute_adapter_inputs
 from ..token_rows import TOKENIZER_DIR, add_tokens
 from . import classification
 from . import rng as train_rng
@@ -192,6 +193,8 @@ def _train(cfg: TrainConfig, out: Path, resume_from: Path | None, runtime) -> di
         raise ConfigError(flags_in_message(str(exc))) from None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    elif not cfg.fsdp:  # the adapters' norm and product inputs made again in backward, not kept (lorakit.recompute)
+        recompute_adapter_inputs(model)
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
         layer.base_fingerprint  # noqa: B018 - make sure it is taken from the full weight, before sharding
