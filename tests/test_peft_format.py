@@ -19,6 +19,7 @@ from conftest import (
 )
 
 import lorakit
+from lorakit import peft_format
 
 peft = pytest.importorskip("peft")
 
@@ -206,6 +207,24 @@ def test_import_peft_pissa_on_conv1d(tmp_path, inputs):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_import_peft_0_22_olora_on_conv1d(tmp_path, inputs):
+    """PEFT 0.22 factors Conv1D's weight in nn.Linear layout, as lorakit's OLoRA does: the import rebuilds the same
+    (A0, B0) from the base and gives PEFT's model."""
+    base = tiny_gpt2()
+    theirs = _peft_init_adapter(base, tmp_path, "olora", r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    assert peft_format.peft_version(json.loads((tmp_path / "peft" / "adapter_config.json").read_text())) >= (0, 22)
+    ours = lorakit.import_peft(fresh_copy(base), tmp_path / "peft")
+    assert {layer.method for _, layer in lorakit.adapter_layers(ours)} == {"olora"}
+    torch.testing.assert_close(model_output(ours, inputs), model_output(theirs, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_version_is_read_as_numbers():
+    assert peft_format.peft_version({"peft_version": "0.22.0"}) == (0, 22, 0)
+    assert peft_format.peft_version({"peft_version": "0.23.0.dev0"}) == (0, 23, 0)
+    assert peft_format.peft_version({"peft_version": "0.9.1"}) < (0, 22) and peft_format.peft_version({}) == (0,)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_import_peft_olora_with_rank_pattern(tmp_path, inputs):
     base = tiny_llama()
     theirs = _peft_init_adapter(
@@ -236,6 +255,8 @@ def test_import_peft_refuses_inits_it_cannot_rebuild(init, message, tmp_path):
     config_path = tmp_path / "peft" / "adapter_config.json"
     config = json.loads(config_path.read_text())  # PEFT would need data, gradients or LoftQ to make these
     config["init_lora_weights"] = init.removesuffix("-gpt2")
+    if init == "olora-gpt2":  # PEFT 0.22 factors Conv1D's weight in nn.Linear layout (imported, below); before, not
+        config["peft_version"] = "0.21.2"
     if init == "loftq":
         config["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
     config_path.write_text(json.dumps(config))

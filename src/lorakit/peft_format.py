@@ -19,8 +19,9 @@ does the same where the init follows from the base alone:
   [B | −B0] [A ; A0] (further training then trains all 2r ranks, and dropout also reaches the −B0 A0 path).
 - refused, naming PEFT's `save_pretrained(..., path_initial_model_for_weight_conversion=...)`, which writes the
   plain LoRA: "pissa_niter_K" (a randomized SVD that PEFT redraws from the global random state at every load),
-  "corda" (from activation statistics), "lora_ga" (from gradients), "olora" on Conv1D (PEFT factors the stored
-  in × out weight); "loftq" (a quantized base) is refused too.
+  "corda" (from activation statistics), "lora_ga" (from gradients), "olora" on Conv1D written by PEFT before 0.22
+  (it factored the stored in × out weight; 0.22 factors the nn.Linear layout, as lorakit does, and imports);
+  "loftq" (a quantized base) is refused too.
 - True, False, "gaussian", "orthogonal", "eva" and "mica" leave the base alone: a plain LoRA.
 """
 
@@ -225,6 +226,18 @@ UNREBUILDABLE = {  # init prefix -> why its rewritten base cannot be rebuilt fro
 }
 
 
+def peft_version(peft_config: dict) -> tuple[int, ...]:
+    """The PEFT release that wrote the file ("0.22.0", "0.23.0.dev0" -> (0, 22, 0), (0, 23, 0)); (0,) when it is
+    not recorded (PEFT writes it since 0.18)."""
+    parts = []
+    for part in str(peft_config.get("peft_version") or "").split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts) or (0,)
+
+
 def _init_kind(peft_config: dict, where, fan_in_fan_out: bool) -> str:
     """"lora", "olora" or "pissa": how the adapter's init_lora_weights is rebuilt; the others are refused."""
     init = peft_config.get("init_lora_weights", True)
@@ -234,10 +247,10 @@ def _init_kind(peft_config: dict, where, fan_in_fan_out: bool) -> str:
         raise AdapterFileError(f"{where}: init_lora_weights={init!r} is not one PEFT knows; re-save it with PEFT")
     text = f"{where}: init_lora_weights={init!r}"
     if init.lower() == "olora":
-        if fan_in_fan_out:
+        if fan_in_fan_out and peft_version(peft_config) < (0, 22):
             raise AdapterFileError(
-                f"{text} on Conv1D (fan_in_fan_out): PEFT factors the stored in x out weight, which lorakit does not "
-                f"reproduce; {CONVERT}"
+                f"{text} on Conv1D (fan_in_fan_out) from PEFT {peft_config.get('peft_version') or 'before 0.18'}: "
+                f"PEFT before 0.22 factored the stored in x out weight, which lorakit does not reproduce; {CONVERT}"
             )
         return "olora"
     if init == "pissa":
