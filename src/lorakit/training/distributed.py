@@ -281,6 +281,10 @@ class FsdpRuntime:
 
     def close(self) -> None:
         if self.owns_group and self.dist.is_initialized():
+            # every process past its last collective before the group goes: under load a process that had trained
+            # and saved still aborted at exit once ("terminate called without an active exception", SIGABRT, in
+            # the clean-clone CI run of 2026-12-07 16:54), with gloo work of the other rank still in flight
+            self.dist.barrier()
             self.dist.destroy_process_group()
 
 
