@@ -96,7 +96,7 @@ class InputRecompute:
 
     # ---- the registry
     def _register(self, tensor: torch.Tensor, make, sources: tuple) -> None:
-        if not tensor.is_contiguous() or tensor.storage_offset() != 0:
+        if not tensor.is_contiguous() or tensor.storage_offset() != 0 or tensor.numel() == 0:
             return  # the recipe makes a fresh contiguous tensor: only a tensor laid out the same can be replaced
         key = _key(tensor)
         if key is None or type(tensor) is not torch.Tensor:
