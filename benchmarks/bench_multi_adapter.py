@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct, fp32, `torch.no_grad`. Two shapes: prefill, a batch of 16
 one step of 16 sequences x 1 token (a forward of the 16 new tokens, no KV cache: the per-step cost of the adapter
 path, which is what differs between the setups). Row i uses adapter i mod N, for N = 1, 4 and 16 distinct LoRA r=16
 adapters on every linear layer but the head. Setups, each timed interleaved with the others (one call of each per
-round, the median of the rounds):
+round, the order rotated by one each round, the median of the rounds; decode steps are short, so they get
+DECODE_ROUNDS_FACTOR times the rounds, 12 setups x 21 rounds at the default 7):
 
 - lorakit mixed: `model(ids, adapter_names=[...])` (lorakit.routing: stacked factors, two batched products);
 - peft mixed: PEFT 0.21 `model(input_ids=ids, adapter_names=[...])` (its loop over sub-batches);
@@ -40,6 +41,7 @@ import lorakit  # noqa: E402
 COUNTS = (1, 4, 16)
 SHAPES = {"prefill": (16, 128), "decode": (16, 1)}
 RANK = 16
+DECODE_ROUNDS_FACTOR = 3  # a decode step takes ~0.15 s against ~5 s for prefill: more rounds, a steadier median
 
 
 def _random_adapters(model, count: int, method: str = "lora", **options) -> list[str]:
@@ -80,10 +82,11 @@ def _time_interleaved(calls: dict, rounds: int) -> dict[str, float]:
     for fn in calls.values():  # warm-up (and the mixed batch's stacks)
         fn()
     times = {key: [] for key in calls}
-    for _ in range(rounds):
-        for key, fn in calls.items():
+    keys = list(calls)
+    for round_ in range(rounds):  # each round starts one setup later: no setup always follows the same one
+        for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
             start = time.perf_counter()
-            fn()
+            calls[key]()
             times[key].append(time.perf_counter() - start)
     return {key: statistics.median(values) for key, values in times.items()}
 
@@ -92,7 +95,7 @@ def _time_interleaved(calls: dict, rounds: int) -> dict[str, float]:
 def run(rounds: int = 7, shapes: tuple[str, ...] = tuple(SHAPES)) -> dict:
     base = smollm2().eval()
     vocab = base.config.vocab_size
-    results = {"rank": RANK, "rounds": rounds, "shapes": {}}
+    results = {"rank": RANK, "rounds": {"prefill": rounds, "decode": rounds * DECODE_ROUNDS_FACTOR}, "shapes": {}}
     ours = copy.deepcopy(base)
     names = _random_adapters(ours, max(COUNTS))
     ours.eval()
@@ -126,7 +129,7 @@ def run(rounds: int = 7, shapes: tuple[str, ...] = tuple(SHAPES)) -> dict:
             calls[f"peft mixed {count}"] = lambda routed=routed, ids=ids: theirs(input_ids=ids, adapter_names=routed)
         mini_routed = [mini_names[i % max(COUNTS)] for i in range(batch)]
         calls[f"mini mixed {max(COUNTS)}"] = lambda ids=ids, rows=mini_routed: mini(ids, adapter_names=rows)
-        times = _time_interleaved(calls, rounds)
+        times = _time_interleaved(calls, results["rounds"][shape_name])
         tokens = batch * length
         results["shapes"][shape_name] = {
             "batch": batch,

@@ -25,10 +25,10 @@ def alone(model, name, ids):
         return model(ids).logits
 
 
-@pytest.fixture(params=["dense", "gathered"])
+@pytest.fixture(params=["grouped", "gathered"])
 def product(request, monkeypatch):
-    """Both formulations of the mixed product: masked dense GEMMs (few tokens) and gathered bmm (many)."""
-    monkeypatch.setattr(lorakit.routing, "DENSE_LIMIT", 10**9 if request.param == "dense" else 0)
+    """Both formulations of the mixed product: rows grouped by adapter, and each row with its gathered factors."""
+    monkeypatch.setattr(lorakit.routing, "use_groups", lambda groups, tokens: request.param == "grouped")
     return request.param
 
 
@@ -42,6 +42,58 @@ def test_each_row_equals_that_row_run_alone(variant, product):
     for i, name in enumerate(rows):
         expected = alone(model, "base" if name == "__base__" else name, IDS[i : i + 1])
         torch.testing.assert_close(mixed[i : i + 1], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("rows", "size", "in_order"),
+    [(["a3", "default", "a4", "a1", "a2"], 1, True), (["a1", "a2", "a1", "a2"], 2, False)],
+)
+def test_even_groups_need_no_padding(rows, size, in_order):
+    """Groups of equal size: one row per adapter in batch order (nothing reordered, `Groups.in_order`, whatever the
+    names' order: groups follow the first rows), and two rows each, interleaved (reordered)."""
+    model = adapted(["lora"] * 5)
+    groups = lorakit.routing.Routing(tuple(rows)).groups(tuple(dict.fromkeys(rows)), "cpu")
+    assert (groups.size, groups.padded, groups.in_order) == (size, False, in_order)
+    ids = IDS[: len(rows)]
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i : i + 1], alone(model, name, ids[i : i + 1]), rtol=0, atol=1e-5)
+
+
+def test_groups_pad_short_groups_and_leave_base_rows_out():
+    routing = lorakit.routing.Routing(("b", "base", "a", "b", "b"))
+    groups = routing.groups(("b", "a"), "cpu")
+    assert (groups.count, groups.size, groups.padded, groups.in_order) == (2, 3, True, False)
+    assert groups.rows.tolist() == [0, 3, 4, 2]  # b's rows, then a's; row 1 (the base) has no group
+    assert groups.places.tolist() == [0, 1, 2, 3]  # a's one row at the start of its group of 3
+    assert groups.slots.tolist() == [1, 0, 2, 1, 1]
+
+
+def test_uneven_groups_of_many_tokens_gather_each_rows_factors():
+    """Padding that would double the rows multiplied is used only while a group holds few tokens (decode)."""
+    uneven = lorakit.routing.Routing(("a",) * 13 + ("b", "c", "d")).groups(("a", "b", "c", "d"), "cpu")
+    even = lorakit.routing.Routing(("a", "b") * 8).groups(("a", "b"), "cpu")
+    assert uneven.count * uneven.size == 52
+    assert lorakit.routing.use_groups(uneven, tokens=1) and not lorakit.routing.use_groups(uneven, tokens=128)
+    assert lorakit.routing.use_groups(even, tokens=128)
+
+
+def test_a_mixed_batch_with_gradients_enabled_keeps_the_graph():
+    """Inputs that require grad (an eval model outside no_grad): the update is added out of place, and the rows'
+    gradients flow through each row's own adapter."""
+    model = adapted(["lora", "lora"])
+    rows = ["a1", "base", "default", "a1", "default"]
+    embeds = model.get_input_embeddings()(IDS).detach().requires_grad_()
+    mixed = model(inputs_embeds=embeds, adapter_names=rows).logits
+    mixed.sum().backward()
+    for i, name in enumerate(rows):
+        lorakit.set_active(model, None if name == "base" else name)
+        one = embeds[i : i + 1].detach().requires_grad_()
+        logits = model(inputs_embeds=one).logits
+        logits.sum().backward()
+        torch.testing.assert_close(mixed[i : i + 1].detach(), logits.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(embeds.grad[i : i + 1], one.grad, rtol=0, atol=1e-4)
 
 
 def test_methods_mixed_in_one_batch(product):
@@ -155,7 +207,7 @@ def test_mini_adapters_of_one_seed_share_outer_matrices_in_the_stack(product):
     with torch.no_grad():
         mixed = model(IDS, adapter_names=["default", "a1", "a2", "base", "a1"]).logits
     stacks = next(iter(host.__dict__["_route_stacks"].values()))
-    assert stacks.outer is not None and stacks.a.shape[-1] == 8  # inner factors over mini_a = 8, not `in`
+    assert stacks.outer is not None and stacks.a.shape[1] == 8  # inner factors over mini_a = 8, not `in` (N x in x r)
     for i, name in enumerate(["default", "a1", "a2", "base", "a1"]):
         torch.testing.assert_close(mixed[i : i + 1], alone(model, name, IDS[i : i + 1]), rtol=0, atol=1e-5)
 
