@@ -68,6 +68,7 @@ def test_groups_pad_short_groups_and_leave_base_rows_out():
     assert groups.rows.tolist() == [0, 3, 4, 2]  # b's rows, then a's; row 1 (the base) has no group
     assert groups.places.tolist() == [0, 1, 2, 3]  # a's one row at the start of its group of 3
     assert groups.slots.tolist() == [1, 0, 2, 1, 1]
+    assert groups.adapters.tolist() == [0, 0, 0, 1]  # of each of `rows`, for the gathered product
 
 
 def test_uneven_groups_of_many_tokens_gather_each_rows_factors():

@@ -6,7 +6,7 @@ The segmented formulation of Punica's SGMV (Chen et al., arXiv:2310.18547) and S
 arXiv:2311.03285), in plain torch. Every adapter's factors of a layer are stacked once, zero-padded to the largest
 rank: A as N x in x r, B as N x r x out. The rows of the batch are grouped by adapter, as m rows per adapter
 (m: the most rows any adapter has; a group with fewer is padded with zero rows, and rows of the base are left out),
-and two batched products (`torch.bmm`, one GEMM per adapter inside torch) give every group's update, which is added
+and two batched products (`torch.bmm`, batched over the adapters) give every group's update, which is added
 into its rows of the base output (`index_add_`). Each adapter's factors are read once per layer, however many rows
 use it, and nothing is copied per row: at decode (16 rows x 1 token, 16 adapters) a layer's time is reading the
 factors, and this reads each byte once. No Python loop over adapters or rows. PEFT's `adapter_names` instead runs
@@ -64,6 +64,7 @@ class Groups:
     rows: torch.Tensor  # the rows with an adapter, group by group (K of them)
     places: torch.Tensor  # each of those rows' place in the N·m grouped rows
     slots: torch.Tensor  # each row's adapter, 1..N (0: the base), in batch order
+    adapters: torch.Tensor  # the adapter (0..N-1) of each of `rows`, for the gathered product
     padded: bool  # some group is short of `size` rows
     in_order: bool  # every row has an adapter and the groups are the batch's rows in order: nothing to reorder
 
@@ -101,7 +102,8 @@ class Routing:
             places = [k * size + j for k, m in enumerate(members) for j in range(len(m))]
             groups = self.groups_by_names[key] = Groups(
                 len(names), size, torch.tensor(rows, device=device), torch.tensor(places, device=device),
-                torch.tensor(slots, device=device), padded=len(rows) != len(names) * size,
+                torch.tensor(slots, device=device), torch.tensor([slots[i] - 1 for i in rows], device=device),
+                padded=len(rows) != len(names) * size,
                 in_order=rows == list(range(len(self.rows))),
             )
         return groups
@@ -217,11 +219,11 @@ def routed_forward(host, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         update = _gathered(per_row, stacks, groups)
     by_row = out.reshape(len(rows), per_row.shape[1], out.shape[-1])
     update = update.to(out.dtype)
-    if groups.in_order:
-        return (by_row + update if out.requires_grad else by_row.add_(update)).reshape(out.shape)
-    if out.requires_grad:
-        return by_row.index_add(0, groups.rows, update).reshape(out.shape)
-    return by_row.index_add_(0, groups.rows, update).reshape(out.shape)
+    if out.requires_grad:  # out of place, so autograd keeps the base output
+        summed = by_row + update if groups.in_order else by_row.index_add(0, groups.rows, update)
+    else:
+        summed = by_row.add_(update) if groups.in_order else by_row.index_add_(0, groups.rows, update)
+    return summed.reshape(out.shape)
 
 
 def use_groups(groups: Groups, tokens: int) -> bool:
@@ -257,8 +259,7 @@ def _gathered(per_row: torch.Tensor, stacks: _Stacks, groups: Groups) -> torch.T
     picked = per_row.index_select(0, groups.rows)
     if stacks.outer is not None:
         picked = picked @ stacks.outer[0].T
-    adapter = groups.slots.index_select(0, groups.rows) - 1
-    update = torch.bmm(torch.bmm(picked, stacks.a[adapter]), stacks.b[adapter])
+    update = torch.bmm(torch.bmm(picked, stacks.a[groups.adapters]), stacks.b[groups.adapters])
     if stacks.outer is not None:
         update = update @ stacks.outer[1].T
     return update
