@@ -68,8 +68,8 @@ def test_training_loss_and_gradients_equal_full_logits(method):
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (fused, fused_grads), (full, full_grads) = grads
     assert abs(fused - full) <= 1e-6 * abs(full)
-    for a, b in zip(fused_grads, full_grads):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(fused_grads, full_grads):  # float32 rounding: 1e-5 of each element, 1e-6 of the tensor's largest
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
     assert "forward" not in vars(model.lm_head)  # the head's own forward is back after the pass
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.formats import IGNORE
 
-CHUNK_TOKENS = 128  # one chunk's float32 logits: 128 x 49,152 x 4 bytes = 25 MB on SmolLM2 (and logsumexp's temporary as much)
+CHUNK_TOKENS = 128  # one chunk's float32 logits: 128 x 49,152 x 4 bytes = 25 MB on SmolLM2, the one such buffer
 # config fields that change the logits after the head: the fused loss would compute another model
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -48,11 +48,16 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
             y = labels[rows]
             valid = y != IGNORE
             safe = torch.where(valid, y, 0)
-            log_norm = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[:, None]).squeeze(1)
+            # log Σ exp z = m + log Σ exp(z − m), m = max z, with exp(z − m) made in place: the logits are the
+            # chunk's only vocabulary-sized buffer (torch.logsumexp would allocate a second one)
+            peak = logits.amax(dim=-1, keepdim=True)
+            shifted_exp = logits.sub_(peak).exp_()
+            sums = shifted_exp.sum(dim=-1)
+            log_norm = peak.squeeze(1) + sums.log()
             total = total + torch.where(valid, log_norm - picked, 0.0).sum()
             if needs_grad:
-                probs = logits.sub_(log_norm[:, None]).exp_()  # in place: one chunk-sized buffer
+                probs = shifted_exp.div_(sums[:, None])  # softmax, in the same buffer
                 probs[torch.arange(len(y), device=y.device), safe] -= 1.0
                 probs *= valid[:, None]
                 grad[rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
