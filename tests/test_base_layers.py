@@ -203,6 +203,29 @@ def test_lora_equals_peft_with_equal_factors(scheme):
     assert diff <= 1e-5, diff
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_the_quantized_output_is_one_computation_in_training_and_eval(scheme):
+    """bitsandbytes' CPU layers compute another function in eval than in training (int8: LLM.int8()'s input
+    rounding in eval only); lorakit computes the training one in both, so what is scored is what was trained."""
+    model = quantized(scheme)
+    lorakit.adapt(model, lorakit.AdapterConfig(r=4))
+    _perturb(model)
+    outputs = {}
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            outputs[training] = model(input_ids=ids()).logits
+    assert torch.equal(outputs[True], outputs[False])
+    if scheme == "int8":  # the layer's own forward does switch, so the check above can fail
+        layer = model.model.layers[0].mlp.up_proj.base_layer
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            own = {training: layer.train(training)(x) for training in (True, False)}
+            ours = frozen_base(layer).output(x)
+        assert (own[True] - own[False]).abs().max() > 1e-4
+        assert torch.allclose(ours, own[True], rtol=1e-5, atol=1e-6)
+
+
 def test_peft_export_of_a_4bit_adapter_loads_in_peft_on_that_base(tmp_path):
     from peft import PeftModel
 

@@ -198,10 +198,19 @@ class Bitsandbytes4bit(FrozenBase):
 
 class Bitsandbytes8bit(FrozenBase):
     """bitsandbytes `Linear8bitLt` with int8 weights (`has_fp16_weights=False`, what `load_in_8bit=True` makes):
-    W = CB · SCB / 127 row by row. Its output is the layer's own (outlier decomposition above `threshold`)."""
+    W = CB · SCB / 127 row by row.
+
+    Its output is one computation in training and in eval, as the 4-bit layer's: bitsandbytes 0.50 itself switches
+    computations with the mode on a CPU or XPU. There its training path (`MatMul8bitFp`) dequantizes W and runs one
+    GEMM, while its eval path (`MatMul8bitLt`, LLM.int8()) also rounds each input row to int8
+    through float16, outliers above `threshold` excepted; so a model trained on the first would be scored on the
+    second (SmolLM2 untrained: eval loss 3.8903 against 3.9274). On those devices lorakit computes the training
+    path's output in both modes, through `DequantizingLinear` (which, unlike `MatMul8bitFp`, keeps no reference to
+    the input for backward). On CUDA, where bitsandbytes runs `MatMul8bitLt` in both modes, it is the layer's own."""
 
     quantization = "int8"
     can_merge = False
+    DEQUANTIZING_DEVICES: ClassVar[tuple[str, ...]] = ("cpu", "xpu")  # bitsandbytes' `matmul` dispatch
 
     def quantization_settings(self):
         return {"scheme": "int8"}
@@ -223,6 +232,12 @@ class Bitsandbytes8bit(FrozenBase):
         return (self.module.weight.numel() + scales.numel() * scales.element_size()) / (
             self.in_features * self.out_features
         )
+
+    def output(self, x):
+        if x.device.type not in self.DEQUANTIZING_DEVICES:
+            return self.module(x)
+        bias = self.module.bias
+        return DequantizingLinear.apply(x, self, None if bias is None else bias.to(self.dtype))
 
     def dense_weight(self):
         scales = _row_scales(self.module).to(torch.float32)
