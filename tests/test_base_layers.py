@@ -149,6 +149,24 @@ def test_methods_read_the_dequantized_weight(method, scheme):
     assert diff <= 1e-4, diff
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "fp4", "int8"])
+def test_gradients_equal_those_on_the_dequantized_dense_copy(scheme):
+    """Training on the quantized base trains the function of its dequantized weights: the backward through the
+    dequantizing GEMM gives the adapter the gradients a dense copy of those weights gives."""
+    model = quantized(scheme)
+    dense = dequantize_model(copy.deepcopy(model))
+    grads = []
+    for m in (model, dense):
+        lorakit.adapt(m, lorakit.AdapterConfig(r=4))
+        _perturb(m)
+        m.train()
+        m(input_ids=ids(), labels=ids()).loss.backward()
+        grads.append({name: p.grad for name, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], rtol=1e-5, atol=1e-6 * grads[1][name].abs().max().item()), name
+
+
 def test_olora_is_exact_on_a_4bit_base_and_peft_adds_a_rounding(capsys):
     """lorakit's OLoRA never writes W − s·B0·A0 into the 4-bit weight, so its output at init equals the 4-bit base's;
     PEFT writes the residual back into the 4-bit weight (a second nf4 rounding)."""
