@@ -118,9 +118,14 @@ run() {
       # both, the one stdlib-float32's sweep chose for LoRA (9e-4), so the two differ only in the base's quantization.
       compare qlora stdlib-docstrings-qlora --data stdlib-docstrings --methods lora,lora:quantize=nf4 --lr 9e-4 \
         --seeds 1,2,3 --batch-size 4 --eval-limit 48 --warmup 5 --rank 16 "${STDLIB[@]}" --precision no ;;
+    qlora-schemes)  # the qlora part's setting on the two other bitsandbytes schemes, whose untrained bases lose less
+      # than nf4's on this model (docs/reproduction/quantization_sensitivity_probe.py)
+      compare qlora-schemes stdlib-docstrings-qlora-schemes --data stdlib-docstrings \
+        --methods lora:quantize=fp4,lora:quantize=int8 --lr 9e-4 --seeds 1,2,3 --batch-size 4 --eval-limit 48 --warmup 5 \
+        --rank 16 "${STDLIB[@]}" --precision no ;;
     *)
       echo "unknown part $1; use uuid, stdlib, stdlib-float32, manpages, lorta-high, increlora-high, melora-high," \
-        "manpages-high or qlora" >&2
+        "manpages-high, qlora or qlora-schemes" >&2
       exit 2 ;;
   esac
 }
