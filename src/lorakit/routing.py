@@ -213,10 +213,12 @@ def routed_forward(host, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     per_row = x.reshape(len(rows), -1, x.shape[-1])
     if per_row.dtype != stacks.a.dtype:
         per_row = per_row.to(stacks.a.dtype)
-    if use_groups(groups, per_row.shape[1]):
-        update = _grouped(per_row, stacks, groups)
-    else:
-        update = _gathered(per_row, stacks, groups)
+    picked = per_row if groups.in_order else per_row.index_select(0, groups.rows)  # the rows with an adapter
+    if stacks.outer is not None:
+        picked = picked @ stacks.outer[0].T  # LoRA-Mini's shared A_out·x, once for every row
+    update = (_grouped if use_groups(groups, per_row.shape[1]) else _gathered)(picked, stacks, groups)
+    if stacks.outer is not None:
+        update = update @ stacks.outer[1].T  # and its shared B_out, once for every row
     by_row = out.reshape(len(rows), per_row.shape[1], out.shape[-1])
     update = update.to(out.dtype)
     if out.requires_grad:  # out of place, so autograd keeps the base output
@@ -231,13 +233,11 @@ def use_groups(groups: Groups, tokens: int) -> bool:
     return groups.count * groups.size <= PADDING_LIMIT * len(groups.rows) or groups.size * tokens <= FEW_TOKENS
 
 
-def _grouped(per_row: torch.Tensor, stacks: _Stacks, groups: Groups) -> torch.Tensor:
-    """The update of each row with an adapter (K x tokens x out, in `groups.rows` order): the rows grouped by
-    adapter, zero rows where a group is short, through two batched products, one slice of the stacks per group."""
-    tokens = per_row.shape[1]
-    picked = per_row if groups.in_order else per_row.index_select(0, groups.rows)
-    if stacks.outer is not None:
-        picked = picked @ stacks.outer[0].T  # A_out·x for every row
+def _grouped(picked: torch.Tensor, stacks: _Stacks, groups: Groups) -> torch.Tensor:
+    """The update of each row with an adapter (`picked`: those rows, in `groups.rows` order; K x tokens x out): the
+    rows grouped by adapter, zero rows where a group is short, through two batched products, one slice of the
+    stacks per group."""
+    tokens = picked.shape[1]
     if groups.padded:
         grouped = picked.new_zeros(groups.count * groups.size, tokens, picked.shape[-1])
         grouped.index_copy_(0, groups.places, picked)
@@ -246,23 +246,13 @@ def _grouped(per_row: torch.Tensor, stacks: _Stacks, groups: Groups) -> torch.Te
     grouped = grouped.reshape(groups.count, groups.size * tokens, -1)
     update = torch.bmm(torch.bmm(grouped, stacks.a), stacks.b)
     update = update.reshape(groups.count * groups.size, tokens, -1)
-    if groups.padded:
-        update = update.index_select(0, groups.places)
-    if stacks.outer is not None:
-        update = update @ stacks.outer[1].T  # B_out once for every row
-    return update
+    return update.index_select(0, groups.places) if groups.padded else update
 
 
-def _gathered(per_row: torch.Tensor, stacks: _Stacks, groups: Groups) -> torch.Tensor:
+def _gathered(picked: torch.Tensor, stacks: _Stacks, groups: Groups) -> torch.Tensor:
     """The same update with each row's own copy of its adapter's factors (one batched product per row): for uneven
     groups of many tokens, where padding the groups would cost more arithmetic than the copies."""
-    picked = per_row.index_select(0, groups.rows)
-    if stacks.outer is not None:
-        picked = picked @ stacks.outer[0].T
-    update = torch.bmm(torch.bmm(picked, stacks.a[groups.adapters]), stacks.b[groups.adapters])
-    if stacks.outer is not None:
-        update = update @ stacks.outer[1].T
-    return update
+    return torch.bmm(torch.bmm(picked, stacks.a[groups.adapters]), stacks.b[groups.adapters])
 
 
 def _per_adapter(host, x, out, names, slots) -> torch.Tensor:
